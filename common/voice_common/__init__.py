@@ -1,0 +1,3 @@
+"""Shared kit for every voice chat service."""
+
+__version__ = "0.1.0"

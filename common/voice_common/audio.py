@@ -1,0 +1,135 @@
+"""Audio helpers every service needs: decode, downmix, resample, PCM16 <-> float32, WAV out.
+
+Models want mono float32 at a fixed rate; clients send whatever they have. Everything converges here.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import soundfile as sf
+import soxr
+from pydantic import BaseModel, Field
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: undecodable, empty, or in a format we do not take."""
+
+
+class AudioFormat(BaseModel):
+    """Raw PCM layout; it travels with every stream (like wyoming's audio-start)."""
+
+    rate: int = Field(16000, ge=8000, le=192000)
+    width: int = Field(2, description="bytes per sample: 2 = PCM16, 4 = float32")
+    channels: int = Field(1, ge=1, le=8)
+
+    def check(self) -> None:
+        if self.width not in (2, 4):
+            raise AudioError(f"unsupported sample width {self.width}: use 2 (PCM16) or 4 (float32)")
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.width * self.channels
+
+    def ms_to_bytes(self, ms: float) -> int:
+        return int(self.rate * ms / 1000) * self.frame_bytes
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode any container soundfile reads (WAV, FLAC, OGG, ...) to float32 (frames, channels)."""
+    if not data:
+        raise AudioError("empty audio file")
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises several types for garbage input
+        raise AudioError(f"could not decode audio: {exc}") from exc
+    if samples.shape[0] == 0:
+        raise AudioError("audio file has no samples")
+    return samples, int(rate)
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """Average channels: (frames, channels) -> (frames,)."""
+    if samples.ndim == 1:
+        return samples.astype(np.float32, copy=False)
+    return samples.mean(axis=1, dtype=np.float32)
+
+
+def resample(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """High-quality one-shot resampling (soxr); a no-op when the rates match."""
+    if src_rate == dst_rate or samples.size == 0:
+        return samples.astype(np.float32, copy=False)
+    return np.asarray(soxr.resample(samples, src_rate, dst_rate), dtype=np.float32)
+
+
+def load_mono(data: bytes, rate: int) -> tuple[np.ndarray, int]:
+    """Decode a file to mono float32 at `rate` (what every model here consumes) and its source rate."""
+    samples, src_rate = decode_audio(data)
+    return resample(to_mono(samples), src_rate, rate), src_rate
+
+
+def pcm16_to_float32(data: bytes) -> np.ndarray:
+    if len(data) % 2:
+        raise AudioError("PCM16 data must have an even number of bytes")
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def float32_to_pcm16(samples: np.ndarray) -> bytes:
+    clipped = np.clip(samples, -1.0, 1.0)
+    return (clipped * 32767.0).astype("<i2").tobytes()
+
+
+def pcm_to_mono_float(data: bytes, fmt: AudioFormat) -> np.ndarray:
+    """Raw interleaved PCM in `fmt` -> mono float32 at fmt.rate."""
+    fmt.check()
+    if not data:
+        raise AudioError("empty audio frame")
+    if len(data) % fmt.frame_bytes:
+        raise AudioError(f"frame of {len(data)} bytes is not a whole number of {fmt.frame_bytes}-byte samples")
+    if fmt.width == 2:
+        samples = pcm16_to_float32(data)
+    else:
+        samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if fmt.channels > 1:
+        samples = samples.reshape(-1, fmt.channels).mean(axis=1, dtype=np.float32)
+    return samples
+
+
+def encode_wav(samples: np.ndarray, rate: int) -> bytes:
+    """Mono float32 -> 16-bit WAV bytes."""
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def encode_audio(samples: np.ndarray, rate: int, fmt: str) -> bytes:
+    """Mono float32 -> a container soundfile writes (wav, flac, ogg/opus, mp3 where libsndfile has it)."""
+    formats = {
+        "wav": ("WAV", "PCM_16"),
+        "flac": ("FLAC", "PCM_16"),
+        "ogg": ("OGG", "VORBIS"),
+        "opus": ("OGG", "OPUS"),
+        "mp3": ("MP3", "MPEG_LAYER_III"),
+    }
+    if fmt == "pcm":
+        return float32_to_pcm16(samples)
+    container, subtype = formats[fmt]
+    if fmt == "opus" and rate not in (8000, 12000, 16000, 24000, 48000):
+        samples, rate = resample(samples, rate, 48000), 48000
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format=container, subtype=subtype)
+    return buf.getvalue()
+
+
+class StreamResampler:
+    """Chunk-by-chunk resampler for live streams: keeps filter state across frames."""
+
+    def __init__(self, src_rate: int, dst_rate: int) -> None:
+        self.passthrough = src_rate == dst_rate
+        self._stream = None if self.passthrough else soxr.ResampleStream(src_rate, dst_rate, 1, dtype="float32")
+
+    def __call__(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
+        if self._stream is None:
+            return samples
+        return np.asarray(self._stream.resample_chunk(samples, last=last), dtype=np.float32)

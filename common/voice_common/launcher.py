@@ -1,0 +1,136 @@
+"""Start services as separate processes, wait for their health checks, stop them cleanly.
+
+Used by `make run` (all five) and by the tests (real servers on real sockets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .settings import REPO_ROOT
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    module: str
+    port: int
+    env_prefix: str
+
+
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("vad", "vad_service", 3001, "VAD_"),
+    ServiceSpec("stt", "stt_service", 3002, "STT_"),
+    ServiceSpec("tts", "tts_service", 3003, "TTS_"),
+    ServiceSpec("llm", "llm_service", 3004, "LLM_"),
+    ServiceSpec("main-app", "main_app", 8000, "APP_"),
+)
+
+
+def health(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@dataclass
+class ServiceProcess:
+    spec: ServiceSpec
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        env = {**os.environ, f"{self.spec.env_prefix}PORT": str(self.port), **self.env}
+        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.spec.module], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+        )
+        return self
+
+    def wait_healthy(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited with {self.proc.returncode} (log: {self.log_path})")
+            if health(f"{self.url}/healthz") == 200:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.spec.name} not healthy after {timeout:.0f} s (log: {self.log_path})")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run all five services on their default ports.")
+    parser.add_argument("--logs", type=Path, default=REPO_ROOT / "data" / "logs")
+    parser.add_argument("--only", default="", help="comma-separated subset, e.g. vad,stt")
+    args = parser.parse_args(argv)
+    args.logs.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.only.split(",")) if args.only else None
+    procs = [
+        ServiceProcess(s, int(os.environ.get(f"{s.env_prefix}PORT", s.port)), log_path=args.logs / f"{s.name}.log")
+        for s in SERVICES
+        if wanted is None or s.name in wanted
+    ]
+    print(f"starting {', '.join(p.spec.name for p in procs)} (logs in {args.logs}) ...", flush=True)
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            t0 = time.monotonic()
+            p.wait_healthy()
+            print(f"  {p.spec.name:9s} healthy on {p.url} ({time.monotonic() - t0:.1f} s)", flush=True)
+        print(
+            "\nAll services are up. Open http://localhost:8000 in your browser. Ctrl-C stops everything.\n", flush=True
+        )
+        while all(p.proc is not None and p.proc.poll() is None for p in procs):
+            time.sleep(0.5)
+        dead = [p.spec.name for p in procs if p.proc is not None and p.proc.poll() is not None]
+        print(f"service(s) exited: {', '.join(dead)}; stopping the rest (see {args.logs})", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        print("all services stopped", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

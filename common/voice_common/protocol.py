@@ -1,0 +1,267 @@
+"""The wire protocol: every JSON frame on every WebSocket is one of these typed events.
+
+Binary frames carry audio only; the audio format is declared by a start / audio_start event first.
+One module so the services and main-app (their client) can never drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from .audio import AudioFormat
+
+
+class Event(BaseModel):
+    type: str
+
+    def dump(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+class ErrorEvent(Event):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    service: str | None = None
+    fatal: bool = False
+
+
+class ProtocolError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+E = TypeVar("E")
+
+
+def parse_event(adapter: TypeAdapter[E], raw: str | bytes) -> E:
+    """Parse one JSON text frame into a typed event, or raise ProtocolError with a readable message."""
+    try:
+        return adapter.validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ProtocolError("bad_event", f"invalid event ({where}): {first.get('msg')}") from None
+
+
+# --- VAD -----------------------------------------------------------------------------------------
+
+
+class VadStart(Event):
+    type: Literal["start"] = "start"
+    format: AudioFormat = AudioFormat()
+    threshold: float | None = Field(None, gt=0, lt=1)
+    min_silence_ms: int | None = Field(None, ge=0, le=10000)
+    speech_pad_ms: int | None = Field(None, ge=0, le=2000)
+    min_speech_ms: int | None = Field(None, ge=0, le=10000)
+    probabilities: bool = False
+
+
+class VadConfigure(Event):
+    """Change thresholds mid-stream (main-app raises the threshold while the assistant speaks)."""
+
+    type: Literal["configure"] = "configure"
+    threshold: float | None = Field(None, gt=0, lt=1)
+    min_silence_ms: int | None = Field(None, ge=0, le=10000)
+
+
+class Stop(Event):
+    type: Literal["stop"] = "stop"
+
+
+class Cancel(Event):
+    type: Literal["cancel"] = "cancel"
+
+
+VadClientEvent = Annotated[VadStart | VadConfigure | Stop, Field(discriminator="type")]
+vad_client_events: TypeAdapter[VadStart | VadConfigure | Stop] = TypeAdapter(VadClientEvent)
+
+
+class Ready(Event):
+    type: Literal["ready"] = "ready"
+    info: dict[str, Any] | None = None
+
+
+class SpeechStarted(Event):
+    type: Literal["speech_started"] = "speech_started"
+    t_ms: float
+
+
+class SpeechStopped(Event):
+    type: Literal["speech_stopped"] = "speech_stopped"
+    t_ms: float
+    duration_ms: float
+
+
+class Probability(Event):
+    type: Literal["probability"] = "probability"
+    t_ms: float
+    p: float
+
+
+class Done(Event):
+    type: Literal["done"] = "done"
+
+
+VadServerEvent = Annotated[
+    Ready | SpeechStarted | SpeechStopped | Probability | Done | ErrorEvent, Field(discriminator="type")
+]
+vad_server_events: TypeAdapter[Any] = TypeAdapter(VadServerEvent)
+
+
+# --- STT -----------------------------------------------------------------------------------------
+
+
+class SttStart(Event):
+    """Start one utterance; frames follow, then stop (final transcript) or cancel (dropped)."""
+
+    type: Literal["start"] = "start"
+    format: AudioFormat = AudioFormat()
+    language: str | None = None
+    prompt: str | None = None
+    interim: bool = True
+
+
+SttClientEvent = Annotated[SttStart | Stop | Cancel, Field(discriminator="type")]
+stt_client_events: TypeAdapter[SttStart | Stop | Cancel] = TypeAdapter(SttClientEvent)
+
+
+class Segment(BaseModel):
+    start_ms: float
+    end_ms: float
+    text: str
+
+
+class Interim(Event):
+    type: Literal["interim"] = "interim"
+    utterance: int
+    text: str
+    audio_ms: float
+
+
+class Final(Event):
+    type: Literal["final"] = "final"
+    utterance: int
+    text: str
+    language: str | None = None
+    duration_ms: float
+    processing_ms: float
+    segments: list[Segment] = []
+
+
+class Cancelled(Event):
+    type: Literal["cancelled"] = "cancelled"
+    utterance: int | None = None
+
+
+SttServerEvent = Annotated[Ready | Interim | Final | Cancelled | ErrorEvent, Field(discriminator="type")]
+stt_server_events: TypeAdapter[Any] = TypeAdapter(SttServerEvent)
+
+
+# --- TTS -----------------------------------------------------------------------------------------
+
+
+class TtsStart(Event):
+    """Open a synthesis stream; text pieces follow as the LLM produces them."""
+
+    type: Literal["start"] = "start"
+    voice: str | None = None
+    sample_rate: int | None = Field(None, ge=8000, le=48000)
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+
+
+class TtsText(Event):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class Flush(Event):
+    type: Literal["flush"] = "flush"
+
+
+TtsClientEvent = Annotated[TtsStart | TtsText | Flush | Stop | Cancel, Field(discriminator="type")]
+tts_client_events: TypeAdapter[TtsStart | TtsText | Flush | Stop | Cancel] = TypeAdapter(TtsClientEvent)
+
+
+class AudioStart(Event):
+    type: Literal["audio_start"] = "audio_start"
+    format: AudioFormat
+    voice: str | None = None
+
+
+class SentenceStart(Event):
+    type: Literal["sentence_start"] = "sentence_start"
+    index: int
+    text: str
+
+
+class SentenceEnd(Event):
+    type: Literal["sentence_end"] = "sentence_end"
+    index: int
+    audio_ms: float
+
+
+TtsServerEvent = Annotated[
+    AudioStart | SentenceStart | SentenceEnd | Done | Cancelled | ErrorEvent, Field(discriminator="type")
+]
+tts_server_events: TypeAdapter[Any] = TypeAdapter(TtsServerEvent)
+
+
+# --- LLM -----------------------------------------------------------------------------------------
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate and of the WebSocket request event."""
+
+    messages: list[ChatMessage]
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(256, ge=1, le=8192)
+    model: str | None = None
+    stream: bool = False
+    system_prompt: str | None = Field(
+        None, description="replaces the service's voice system prompt when the messages carry none"
+    )
+
+
+class LlmRequest(GenerateRequest):
+    type: Literal["request"] = "request"
+
+
+LlmClientEvent = Annotated[LlmRequest | Cancel, Field(discriminator="type")]
+llm_client_events: TypeAdapter[LlmRequest | Cancel] = TypeAdapter(LlmClientEvent)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Timings(BaseModel):
+    first_token_ms: float | None = None
+    total_ms: float = 0
+
+
+class Token(Event):
+    type: Literal["token"] = "token"
+    text: str
+
+
+class LlmDone(Event):
+    type: Literal["done"] = "done"
+    model: str
+    usage: Usage
+    timings: Timings
+    finish_reason: str = "stop"
+
+
+LlmServerEvent = Annotated[Token | LlmDone | Cancelled | ErrorEvent, Field(discriminator="type")]
+llm_server_events: TypeAdapter[Any] = TypeAdapter(LlmServerEvent)

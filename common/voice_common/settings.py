@@ -1,0 +1,33 @@
+"""Settings base: every service reads its own env prefix (VAD_, STT_, ...) and an optional .env file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_models_dir() -> Path:
+    """MODELS_DIR wins; otherwise the repo's models/ folder that `make models` fills."""
+    return Path(os.environ.get("MODELS_DIR") or REPO_ROOT / "models")
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has. Subclasses set `env_prefix` and their default port."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None
+    log_level: str = "INFO"
+    log_json: bool = True
+    max_body_mb: float = 25.0
+    models_dir: Path = default_models_dir()
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)

@@ -1,0 +1,1 @@
+"""VAD service: silero-vad over REST and WebSocket."""

@@ -1,0 +1,57 @@
+"""Silero VAD on onnxruntime: one shared session, one small state per stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+RATE = 16000
+WINDOW = 512  # samples at 16 kHz: 32 ms
+CONTEXT = 64
+
+
+@dataclass
+class StreamState:
+    """Recurrent state and audio context of one stream; never shared between streams."""
+
+    state: np.ndarray = field(default_factory=lambda: np.zeros((2, 1, 128), dtype=np.float32))
+    context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, dtype=np.float32))
+
+
+class VadEngine(Protocol):
+    rate: int
+    window: int
+    name: str
+
+    def probabilities(self, state: StreamState, samples: np.ndarray) -> list[float]:
+        """Speech probability per window; len(samples) is a multiple of `window`."""
+        ...
+
+
+class SileroOnnx:
+    rate = RATE
+    window = WINDOW
+    name = "silero-vad-6.2.3"
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `make models`")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self._sr = np.array(RATE, dtype=np.int64)
+
+    def probabilities(self, state: StreamState, samples: np.ndarray) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(samples), WINDOW):
+            chunk = np.concatenate([state.context, samples[i : i + WINDOW]])[None, :]
+            prob, state.state = self.session.run(None, {"input": chunk, "state": state.state, "sr": self._sr})
+            state.context = chunk[0, -CONTEXT:]
+            out.append(float(prob[0, 0]))
+        return out

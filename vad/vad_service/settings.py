@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from voice_common.settings import ServiceSettings
+
+
+class VadSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="VAD_", env_file=".env", extra="ignore")
+
+    port: int = 3001
+    model_path: Path | None = Field(None, description="silero_vad.onnx; default <models_dir>/vad/silero_vad.onnx")
+    threshold: float = Field(0.5, gt=0, lt=1)
+    min_silence_ms: int = 300
+    speech_pad_ms: int = 30
+    min_speech_ms: int = 250
+    max_streams: int = 64
+    threads: int = 1
+
+    @property
+    def resolved_model_path(self) -> Path:
+        return self.model_path or self.models_dir / "vad" / "silero_vad.onnx"
