@@ -1,0 +1,1 @@
+"""STT service: faster-whisper over REST, OpenAI-compatible REST and WebSocket."""

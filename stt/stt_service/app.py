@@ -1,0 +1,168 @@
+"""STT HTTP, OpenAI-compatible and WebSocket API."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import Counter, Histogram
+from voice_common.app import create_service_app, engine_of
+from voice_common.audio import AudioError, load_mono
+from voice_common.errors import ApiError
+from voice_common.limits import Limiter
+
+from .engine import RATE, FasterWhisper, Transcriber, Transcript, check_language
+from .formats import openai_body
+from .settings import SttSettings
+from .streaming import serve_stream
+
+logger = logging.getLogger(__name__)
+SERVICE = "stt"
+Engine = Annotated[Transcriber, Depends(engine_of)]
+
+
+def decode_upload(data: bytes) -> np.ndarray:
+    """soundfile first (WAV/FLAC/OGG); PyAV (mp3, m4a, webm, ...) as the fallback."""
+    try:
+        return load_mono(data, RATE)[0]
+    except AudioError:
+        if not data:
+            raise
+    try:
+        from faster_whisper.audio import decode_audio
+
+        samples = decode_audio(io.BytesIO(data), sampling_rate=RATE)
+    except Exception as exc:
+        raise AudioError(f"could not decode audio: {exc}") from exc
+    if samples.size == 0:
+        raise AudioError("audio file has no samples")
+    return np.asarray(samples, dtype=np.float32)
+
+
+def create_app(settings: SttSettings | None = None, engine: Transcriber | None = None) -> FastAPI:
+    settings = settings or SttSettings()
+    app = create_service_app(
+        name=SERVICE,
+        settings=settings,
+        load=lambda: FasterWhisper(
+            settings.resolved_model_path,
+            settings.device,
+            settings.compute_type,
+            settings.threads,
+            settings.beam_size,
+            settings.vad_filter,
+            settings.max_concurrent,
+        ),
+        engine=engine,
+        info=lambda e: {
+            "model": getattr(e, "name", settings.model),
+            "model_path": str(settings.resolved_model_path),
+            "multilingual": getattr(e, "multilingual", None),
+            "audio_format": {"rate": RATE, "width": 2, "channels": 1},
+            "device": settings.device,
+            "compute_type": settings.compute_type,
+            "beam_size": settings.beam_size,
+        },
+    )
+    limiter = Limiter(settings.max_concurrent, settings.max_queue)
+    app.state.limiter = limiter
+    decode_seconds = Histogram("stt_decode_seconds", "decode time", ["kind"], registry=app.state.registry)
+    audio_seconds = Counter("stt_audio_seconds", "audio transcribed", registry=app.state.registry)
+
+    async def run_transcribe(
+        engine: Transcriber,
+        data: bytes,
+        language: str | None,
+        prompt: str | None,
+        temperature: float | None = None,
+        words: bool = False,
+    ) -> Transcript:
+        language = check_language(language or settings.language, engine)
+        samples = await asyncio.to_thread(decode_upload, data)
+        if len(samples) / RATE > settings.max_audio_s:
+            raise ApiError(
+                400,
+                "audio_too_long",
+                f"audio is {len(samples) / RATE:.0f} s; the limit is {settings.max_audio_s:.0f} s",
+            )
+        async with limiter.slot():
+            t0 = time.perf_counter()
+            result = await asyncio.to_thread(
+                engine.transcribe,
+                samples,
+                language=language,
+                prompt=prompt,
+                temperature=temperature,
+                word_timestamps=words,
+            )
+        decode_seconds.labels("file").observe(time.perf_counter() - t0)
+        audio_seconds.inc(result.duration)
+        return result
+
+    @app.post("/transcribe")
+    async def transcribe(
+        engine: Engine,
+        file: UploadFile = File(...),
+        language: str | None = Form(None),
+        prompt: str | None = Form(None),
+    ) -> dict[str, Any]:
+        r = await run_transcribe(engine, await file.read(), language, prompt)
+        return {
+            "text": r.text,
+            "language": r.language,
+            "language_probability": r.language_probability,
+            "duration_ms": round(r.duration * 1000, 1),
+            "segments": [
+                {"start_ms": round(s.start * 1000), "end_ms": round(s.end * 1000), "text": s.text} for s in r.segments
+            ],
+            "processing_ms": r.processing_ms,
+        }
+
+    @app.post("/v1/audio/transcriptions")
+    async def openai_transcriptions(request: Request, engine: Engine) -> Response:
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "missing_file", "multipart field 'file' is required")
+        fmt = str(form.get("response_format") or "json")
+        if fmt not in ("json", "text", "verbose_json", "srt", "vtt"):
+            raise ApiError(
+                400, "invalid_response_format", f"response_format {fmt!r}: use json, text, verbose_json, srt, vtt"
+            )
+        temperature = form.get("temperature")
+        try:
+            temp = float(str(temperature)) if temperature not in (None, "") else None
+        except ValueError:
+            raise ApiError(400, "invalid_temperature", "temperature must be a number") from None
+        granularities = [
+            str(g) for g in form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
+        ]
+        words = "word" in granularities
+        r = await run_transcribe(
+            engine, await upload.read(), _str(form.get("language")), _str(form.get("prompt")), temp, words
+        )
+        body, media = openai_body(r, fmt, words, "segment" in granularities or not granularities)
+        if isinstance(body, str):
+            return PlainTextResponse(body, media_type=media)
+        return JSONResponse(body)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        name = getattr(app.state.slot.engine, "name", settings.model)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "voicechat"}]}
+
+    @app.websocket("/ws")
+    async def ws(socket: WebSocket) -> None:
+        await serve_stream(socket, app, settings, limiter, decode_seconds)
+
+    return app
+
+
+def _str(value: Any) -> str | None:
+    return str(value) if value not in (None, "") else None

@@ -1,0 +1,143 @@
+"""The Transcriber protocol and its faster-whisper implementation (blocking: call from a thread)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from voice_common.errors import ApiError
+
+RATE = 16000
+
+
+@dataclass
+class Word:
+    start: float
+    end: float
+    word: str
+
+
+@dataclass
+class Seg:
+    start: float
+    end: float
+    text: str
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    compression_ratio: float = 0.0
+    temperature: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str
+    language_probability: float
+    duration: float
+    segments: list[Seg]
+    processing_ms: float
+
+
+class Transcriber(Protocol):
+    name: str
+    multilingual: bool
+
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
+        word_timestamps: bool = False,
+    ) -> Transcript: ...
+
+
+class FasterWhisper:
+    def __init__(
+        self, path: Path, device: str, compute_type: str, threads: int, beam_size: int, vad_filter: bool, workers: int
+    ) -> None:
+        from faster_whisper import WhisperModel
+
+        if not (path / "model.bin").exists():
+            raise FileNotFoundError(f"no CTranslate2 Whisper model in {path}: run `make models`")
+        self.name = path.name
+        self.model = WhisperModel(
+            str(path),
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=threads,
+            num_workers=workers,
+            local_files_only=True,
+        )
+        self.multilingual = bool(self.model.model.is_multilingual)
+        self.beam_size = beam_size
+        self.vad_filter = vad_filter
+
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
+        word_timestamps: bool = False,
+    ) -> Transcript:
+        t0 = time.perf_counter()
+        if not self.multilingual:
+            language = "en"
+        segments, info = self.model.transcribe(
+            audio,
+            language=language,
+            initial_prompt=prompt or None,
+            beam_size=self.beam_size,
+            temperature=temperature if temperature is not None else [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+            word_timestamps=word_timestamps,
+            vad_filter=self.vad_filter,
+            condition_on_previous_text=False,
+        )
+        # The generator is lazy: consuming it here keeps the decoding in this worker thread.
+        segs = [
+            Seg(
+                s.start,
+                s.end,
+                s.text.strip(),
+                s.avg_logprob,
+                s.no_speech_prob,
+                s.compression_ratio,
+                s.temperature,
+                list(s.tokens),
+                [Word(w.start, w.end, w.word) for w in s.words or []],
+            )
+            for s in segments
+        ]
+        return Transcript(
+            text=" ".join(s.text for s in segs if s.text).strip(),
+            language=info.language,
+            language_probability=round(float(info.language_probability), 4),
+            duration=len(audio) / RATE,
+            segments=segs,
+            processing_ms=round((time.perf_counter() - t0) * 1000, 1),
+        )
+
+
+def check_language(language: str | None, engine: Transcriber) -> str | None:
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    if not language:
+        return None
+    language = language.lower()
+    if language not in _LANGUAGE_CODES:
+        raise ApiError(400, "invalid_language", f"unknown language code {language!r}: use ISO 639-1, e.g. 'en', 'fr'")
+    if not engine.multilingual and language != "en":
+        raise ApiError(
+            400,
+            "unsupported_language",
+            f"model {engine.name} is English-only; set STT_MODEL=whisper-base for {language!r}",
+        )
+    return language

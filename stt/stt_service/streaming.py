@@ -1,0 +1,244 @@
+"""WebSocket streaming: interim transcripts while the user speaks, a fast final after stop.
+
+Why the final is fast:
+- while audio arrives, the growing buffer is re-decoded at most every `interim_interval_ms`;
+- once the uncommitted audio is longer than `commit_after_s`, segments that ended well before the live
+  edge are committed (text kept, audio dropped), so no decode ever covers more than a few seconds;
+- at stop, if the latest interim decode (finished or still running) already covers everything but a
+  silent tail (the VAD's hangover), it *is* the final: no new decode at all. Otherwise only the short
+  uncommitted tail is decoded, with the committed text as prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from fastapi import FastAPI, WebSocket
+from prometheus_client import Histogram
+from voice_common.audio import AudioError, AudioFormat, StreamResampler, pcm_to_mono_float
+from voice_common.errors import ApiError
+from voice_common.limits import Limiter
+from voice_common.protocol import (
+    Cancel,
+    Cancelled,
+    Final,
+    Interim,
+    ProtocolError,
+    Ready,
+    Segment,
+    SttStart,
+    parse_event,
+    stt_client_events,
+)
+from voice_common.ws import receive_frame, send_error, send_event
+
+from .engine import RATE, Seg, Transcriber, check_language
+
+if TYPE_CHECKING:
+    from .settings import SttSettings
+
+logger = logging.getLogger(__name__)
+SERVICE = "stt"
+SILENT_RMS = 0.01  # -40 dBFS: a tail this quiet adds no words
+
+
+@dataclass
+class Hypothesis:
+    """An interim decode: the uncommitted segments it found and how far (absolute samples) it looked."""
+
+    covered: int
+    segments: list[Segment]
+    language: str
+
+
+@dataclass
+class Utterance:
+    id: int
+    fmt: AudioFormat
+    language: str | None
+    prompt: str | None
+    interim: bool
+    resampler: StreamResampler
+    chunks: list[np.ndarray] = field(default_factory=list)
+    offset: int = 0  # committed samples (dropped from `chunks`)
+    committed: list[Segment] = field(default_factory=list)
+    last_decode: float = 0.0
+    decoding: asyncio.Task[Hypothesis | None] | None = None
+    hypothesis: Hypothesis | None = None
+    closed: bool = False
+
+    def audio(self) -> np.ndarray:
+        if len(self.chunks) > 1:
+            self.chunks = [np.concatenate(self.chunks)]
+        return self.chunks[0] if self.chunks else np.zeros(0, dtype=np.float32)
+
+    @property
+    def total(self) -> int:
+        return self.offset + sum(len(c) for c in self.chunks)
+
+    def commit(self, upto: int, segments: list[Segment]) -> None:
+        self.chunks = [self.audio()[upto:]]
+        self.offset += upto
+        self.committed.extend(segments)
+
+    def prompt_text(self) -> str | None:
+        parts = [p for p in (self.prompt, *(s.text for s in self.committed)) if p]
+        return " ".join(parts) or None
+
+    def silent_after(self, absolute: int) -> bool:
+        tail = self.audio()[max(0, absolute - self.offset) :]
+        if tail.size == 0:
+            return True
+        frames = tail[: len(tail) // 320 * 320].reshape(-1, 320)
+        return frames.size == 0 or float(np.sqrt((frames**2).mean(axis=1)).max()) < SILENT_RMS
+
+    def text(self, segments: list[Segment]) -> str:
+        return " ".join(s.text for s in [*self.committed, *segments] if s.text).strip()
+
+
+def _segments(result_segments: list[Seg], offset: int) -> list[Segment]:
+    base = offset * 1000 / RATE
+    return [
+        Segment(start_ms=round(base + s.start * 1000), end_ms=round(base + s.end * 1000), text=s.text)
+        for s in result_segments
+        if s.text
+    ]
+
+
+async def serve_stream(
+    socket: WebSocket, app: FastAPI, settings: SttSettings, limiter: Limiter, decode_seconds: Histogram
+) -> None:
+    await socket.accept()
+    counter = 0
+    utt: Utterance | None = None
+
+    async def decode(u: Utterance, engine: Transcriber, kind: str) -> Hypothesis:
+        audio, offset = u.audio().copy(), u.offset
+        async with limiter.slot():
+            r = await asyncio.to_thread(
+                engine.transcribe, audio, language=u.language, prompt=u.prompt_text(), temperature=0.0
+            )
+        decode_seconds.labels(kind).observe(r.processing_ms / 1000)
+        segments = _segments(r.segments, offset)
+        length = len(audio) / RATE
+        if kind == "interim" and length >= settings.commit_after_s and len(r.segments) >= 2 and offset == u.offset:
+            stable = [s for s in r.segments[:-1] if s.end <= length - 1.0]
+            if stable:
+                u.commit(int(stable[-1].end * RATE), segments[: len(stable)])
+                segments = segments[len(stable) :]
+        return Hypothesis(offset + len(audio), segments, r.language)
+
+    async def interim(u: Utterance, engine: Transcriber) -> Hypothesis | None:
+        try:
+            hyp = await decode(u, engine, "interim")
+        except ApiError:
+            return None
+        u.hypothesis = hyp
+        if not u.closed:
+            await send_event(
+                socket, Interim(utterance=u.id, text=u.text(hyp.segments), audio_ms=round(hyp.covered / 16))
+            )
+        return hyp
+
+    async def final(u: Utterance, engine: Transcriber) -> None:
+        t0 = time.perf_counter()
+        u.closed = True
+        hyp = None
+        if u.decoding is not None and not u.decoding.done():
+            running = await u.decoding  # already under way: usually covers all but the hangover
+            hyp = running if running is not None and u.silent_after(running.covered) else None
+        elif u.hypothesis is not None and u.silent_after(u.hypothesis.covered):
+            hyp = u.hypothesis
+        if hyp is None:
+            hyp = await decode(u, engine, "final")
+        await send_event(
+            socket,
+            Final(
+                utterance=u.id,
+                text=u.text(hyp.segments),
+                language=hyp.language,
+                duration_ms=round(u.total / 16),
+                processing_ms=round((time.perf_counter() - t0) * 1000, 1),
+                segments=[*u.committed, *hyp.segments],
+            ),
+        )
+
+    async def on_audio(u: Utterance, frame: bytes) -> None:
+        try:
+            samples = u.resampler(pcm_to_mono_float(frame, u.fmt))
+        except AudioError as exc:
+            await send_error(socket, "invalid_audio", str(exc), SERVICE)
+            return
+        if (u.total + len(samples)) / RATE > settings.max_audio_s:
+            await send_error(socket, "audio_too_long", f"utterance over {settings.max_audio_s:.0f} s", SERVICE)
+            return
+        u.chunks.append(samples)
+        now = time.monotonic()
+        if (
+            u.interim
+            and (u.decoding is None or u.decoding.done())
+            and now - u.last_decode >= settings.interim_interval_ms / 1000
+            and u.total - u.offset >= RATE // 4
+            and limiter.free_now()
+        ):
+            u.last_decode = now
+            u.decoding = asyncio.create_task(interim(u, app.state.slot.get()))
+
+    try:
+        while (frame := await receive_frame(socket)) is not None:
+            if isinstance(frame, bytes):
+                if utt is None:
+                    await send_error(socket, "no_utterance", "send a start event before audio frames", SERVICE)
+                else:
+                    await on_audio(utt, frame)
+                continue
+            try:
+                event = parse_event(stt_client_events, frame)
+            except ProtocolError as exc:
+                await send_error(socket, exc.code, exc.message, SERVICE)
+                continue
+            if isinstance(event, SttStart):
+                try:
+                    engine: Transcriber = app.state.slot.get()
+                    event.format.check()
+                    language = check_language(event.language or settings.language, engine)
+                except AudioError as exc:
+                    await send_error(socket, "unsupported_format", str(exc), SERVICE)
+                    continue
+                except ApiError as exc:
+                    await send_error(socket, exc.code, exc.message, SERVICE)
+                    continue
+                if utt is not None:
+                    utt.closed = True
+                counter += 1
+                utt = Utterance(
+                    counter,
+                    event.format,
+                    language,
+                    event.prompt,
+                    event.interim,
+                    StreamResampler(event.format.rate, RATE),
+                )
+                await send_event(socket, Ready(info={"utterance": counter}))
+            elif isinstance(event, Cancel):
+                if utt is not None:
+                    utt.closed = True
+                    await send_event(socket, Cancelled(utterance=utt.id))
+                utt = None
+            else:  # stop
+                current, utt = utt, None
+                if current is None or current.total == 0:
+                    await send_error(socket, "empty_utterance", "stop without audio in a started utterance", SERVICE)
+                    continue
+                try:
+                    await final(current, app.state.slot.get())
+                except ApiError as exc:
+                    await send_error(socket, exc.code, exc.message, SERVICE)
+    finally:
+        if utt is not None:
+            utt.closed = True

@@ -1,0 +1,160 @@
+"""STT service with the real tiny.en model: REST, the official openai client, the WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import websockets
+
+from tests.helpers import corpus_wer, librivox_clips, silence, wer
+from voice_common.audio import float32_to_pcm16
+
+CLIPS = librivox_clips()
+
+
+@pytest.fixture(scope="module")
+def stt(start_service):
+    return start_service("stt")
+
+
+async def test_rest_transcribes_librivox_under_15_percent_wer(stt) -> None:
+    pairs = []
+    async with httpx.AsyncClient(timeout=120) as client:
+        for clip in CLIPS:
+            r = await client.post(f"{stt.url}/transcribe", files={"file": (clip.path.name, clip.data)})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["language"] == "en"
+            assert abs(body["duration_ms"] - len(clip.pcm16()) / 32) < 5
+            assert body["segments"] and body["segments"][0]["start_ms"] >= 0
+            assert body["processing_ms"] > 0
+            pairs.append((clip.text, body["text"]))
+    assert corpus_wer(pairs) < 0.15, pairs
+
+
+def test_openai_client_all_formats(stt) -> None:
+    client = openai.OpenAI(base_url=f"{stt.url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["whisper-tiny.en"]
+    clip = CLIPS[2]
+    with clip.path.open("rb") as fh:
+        js = client.audio.transcriptions.create(model="whisper-1", file=fh, response_format="json")
+    assert wer(clip.text, js.text) < 0.15
+    with clip.path.open("rb") as fh:
+        text = client.audio.transcriptions.create(model="whisper-1", file=fh, response_format="text")
+    assert isinstance(text, str) and wer(clip.text, text) < 0.15
+    with clip.path.open("rb") as fh:
+        verbose = client.audio.transcriptions.create(
+            model="whisper-1", file=fh, response_format="verbose_json", timestamp_granularities=["word", "segment"]
+        )
+    assert verbose.language == "en" and abs(verbose.duration - 5.3) < 0.05
+    assert verbose.segments and verbose.segments[0].end > verbose.segments[0].start
+    assert verbose.words and len(verbose.words) >= 10 and verbose.words[-1].end <= 5.4
+    with clip.path.open("rb") as fh:
+        srt = client.audio.transcriptions.create(model="whisper-1", file=fh, response_format="srt")
+    assert srt.startswith("1\n00:00:0") and " --> " in srt
+    with clip.path.open("rb") as fh:
+        vtt = client.audio.transcriptions.create(model="whisper-1", file=fh, response_format="vtt")
+    assert vtt.startswith("WEBVTT") and " --> " in vtt
+    with pytest.raises(openai.BadRequestError) as err:
+        client.audio.transcriptions.create(model="whisper-1", file=("x.wav", b"junk"), response_format="json")
+    assert err.value.body["code"] == "invalid_audio"  # type: ignore[index]
+
+
+async def stream(url: str, pcm: bytes, realtime: bool = True, frame: int = 640) -> tuple[list[dict], dict, float]:
+    interims = []
+    async with websockets.connect(url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "start", "format": {"rate": 16000}}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+
+        async def reader() -> dict:
+            while True:
+                ev = json.loads(await ws.recv())
+                if ev["type"] == "interim":
+                    interims.append(ev)
+                elif ev["type"] in ("final", "error"):
+                    return ev
+
+        task = asyncio.create_task(reader())
+        t_start = time.monotonic()
+        for i in range(0, len(pcm), frame):
+            await ws.send(pcm[i : i + frame])
+            if realtime:
+                await asyncio.sleep(max(0.0, t_start + (i + frame) / 32000 - time.monotonic()))
+        t_stop = time.monotonic()
+        await ws.send(json.dumps({"type": "stop"}))
+        final = await task
+        return interims, final, (time.monotonic() - t_stop) * 1000
+
+
+async def test_websocket_interims_then_final(stt) -> None:
+    pairs = []
+    for clip in CLIPS:
+        pcm = clip.pcm16() + float32_to_pcm16(silence(400))
+        interims, final, _ = await stream(stt.url, pcm, realtime=clip is CLIPS[0])
+        assert final["type"] == "final", final
+        pairs.append((clip.text, final["text"]))
+        if clip is CLIPS[0]:  # streamed in real time: interims grow while "speaking"
+            assert len(interims) >= 3
+            assert interims[-1]["audio_ms"] > interims[0]["audio_ms"]
+            assert wer(clip.text, interims[-1]["text"]) < 0.5
+    assert corpus_wer(pairs) < 0.15, pairs
+
+
+async def test_websocket_several_utterances_and_cancel(stt) -> None:
+    async with websockets.connect(stt.url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "start", "interim": False}))
+        assert json.loads(await ws.recv())["info"]["utterance"] == 1
+        await ws.send(CLIPS[1].pcm16())
+        await ws.send(json.dumps({"type": "cancel"}))
+        assert json.loads(await ws.recv()) == {"type": "cancelled", "utterance": 1}
+        await ws.send(json.dumps({"type": "start", "interim": False}))
+        assert json.loads(await ws.recv())["info"]["utterance"] == 2
+        await ws.send(CLIPS[4].pcm16())
+        await ws.send(json.dumps({"type": "stop"}))
+        final = json.loads(await ws.recv())
+        assert final["type"] == "final" and final["utterance"] == 2
+        assert wer(CLIPS[4].text, final["text"]) < 0.15
+
+
+async def test_bad_inputs(stt) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        r = await client.post(f"{stt.url}/transcribe", files={"file": ("x.wav", b"")})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio"
+        r = await client.post(f"{stt.url}/transcribe", files={"file": ("x.wav", b"\x01\x02garbage" * 50)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio"
+        r = await client.post(f"{stt.url}/transcribe", files={"file": ("a.wav", CLIPS[1].data)}, data={"language": "xx"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_language"
+        r = await client.post(f"{stt.url}/transcribe", files={"file": ("a.wav", CLIPS[1].data)}, data={"language": "fr"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_language"
+    async with websockets.connect(stt.url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(b"\x00\x00")
+        assert json.loads(await ws.recv())["code"] == "no_utterance"
+        await ws.send(json.dumps({"type": "start", "language": "zz"}))
+        assert json.loads(await ws.recv())["code"] == "invalid_language"
+        await ws.send(json.dumps({"type": "stop"}))
+        assert json.loads(await ws.recv())["code"] == "empty_utterance"
+        await ws.send(json.dumps({"type": "start"}))
+        await ws.recv()
+        await ws.send(b"\x00")
+        assert json.loads(await ws.recv())["code"] == "invalid_audio"
+        await ws.send(json.dumps({"type": "bogus"}))
+        assert json.loads(await ws.recv())["code"] == "bad_event"
+
+
+async def test_limits_too_long_and_busy(start_service) -> None:
+    limited = start_service("stt", STT_MAX_AUDIO_S="6.5", STT_MAX_CONCURRENT="1", STT_MAX_QUEUE="0")
+    async with httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(f"{limited.url}/transcribe", files={"file": ("a.wav", CLIPS[0].data)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "audio_too_long"
+        results = await asyncio.gather(
+            *(client.post(f"{limited.url}/transcribe", files={"file": ("a.wav", CLIPS[2].data)}) for _ in range(3))
+        )
+    codes = sorted(r.status_code for r in results)
+    assert codes[0] == 200 and codes[-1] == 503, codes
+    busy = next(r for r in results if r.status_code == 503)
+    assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "busy"
