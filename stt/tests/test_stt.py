@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 import websockets
+from voice_common.audio import float32_to_pcm16
 
 from tests.helpers import corpus_wer, librivox_clips, silence, wer
-from voice_common.audio import float32_to_pcm16
 
 CLIPS = librivox_clips()
 
@@ -127,9 +127,13 @@ async def test_bad_inputs(stt) -> None:
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio"
         r = await client.post(f"{stt.url}/transcribe", files={"file": ("x.wav", b"\x01\x02garbage" * 50)})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio"
-        r = await client.post(f"{stt.url}/transcribe", files={"file": ("a.wav", CLIPS[1].data)}, data={"language": "xx"})
+        r = await client.post(
+            f"{stt.url}/transcribe", files={"file": ("a.wav", CLIPS[1].data)}, data={"language": "xx"}
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_language"
-        r = await client.post(f"{stt.url}/transcribe", files={"file": ("a.wav", CLIPS[1].data)}, data={"language": "fr"})
+        r = await client.post(
+            f"{stt.url}/transcribe", files={"file": ("a.wav", CLIPS[1].data)}, data={"language": "fr"}
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_language"
     async with websockets.connect(stt.url.replace("http", "ws") + "/ws") as ws:
         await ws.send(b"\x00\x00")

@@ -1,0 +1,1 @@
+"""TTS service: piper over REST, OpenAI-compatible REST and WebSocket."""

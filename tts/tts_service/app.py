@@ -1,0 +1,160 @@
+"""TTS HTTP, OpenAI-compatible and WebSocket API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, WebSocket
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import Histogram
+from pydantic import BaseModel, Field
+from voice_common.app import create_service_app, engine_of
+from voice_common.audio import encode_audio, float32_to_pcm16, resample
+from voice_common.errors import ApiError
+from voice_common.text import clean_for_speech, split_sentences
+
+from .engine import PiperEngine, Synthesizer
+from .settings import TtsSettings
+from .streaming import serve_stream
+
+logger = logging.getLogger(__name__)
+SERVICE = "tts"
+Engine = Annotated[Synthesizer, Depends(engine_of)]
+MEDIA = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "opus": "audio/ogg", "pcm": "audio/pcm"}
+
+
+class SynthesizeRequest(BaseModel):
+    text: str
+    voice: str | None = None
+    return_format: Literal["wav", "base64", "pcm"] = "wav"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    sample_rate: int | None = Field(None, ge=8000, le=48000)
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's POST /v1/audio/speech body."""
+
+    model: str = "tts-1"
+    input: str
+    voice: str = "alloy"
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+    instructions: str | None = None
+
+
+def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None = None) -> FastAPI:
+    settings = settings or TtsSettings()
+    app = create_service_app(
+        name=SERVICE,
+        settings=settings,
+        load=lambda: PiperEngine(
+            settings.resolved_voices_dir,
+            settings.default_voice,
+            settings.threads,
+            settings.length_scale,
+            settings.noise_scale,
+            settings.noise_w_scale,
+        ),
+        engine=engine,
+        info=lambda e: {
+            "model": "piper-tts-1.8.0",
+            "voices": list(getattr(e, "voices", {})),
+            "default_voice": getattr(e, "default_voice", settings.default_voice),
+            "audio_format": {"rate": settings.sample_rate or "voice", "width": 2, "channels": 1},
+            "device": "cpu",
+        },
+    )
+    synth_seconds = Histogram("tts_synthesis_seconds", "time to synthesize one sentence", registry=app.state.registry)
+    app.state.synth_seconds = synth_seconds
+
+    def check_text(text: str) -> str:
+        if not text.strip():
+            raise ApiError(400, "empty_text", "text is empty")
+        if len(text) > settings.max_chars:
+            raise ApiError(400, "text_too_long", f"text is {len(text)} characters; the limit is {settings.max_chars}")
+        if not clean_for_speech(text).strip(" .,!?;:-"):
+            raise ApiError(400, "empty_text", "text has nothing speakable")
+        return text
+
+    async def sentences_audio(
+        engine: Synthesizer, text: str, voice: str, speed: float, rate: int
+    ) -> AsyncIterator[np.ndarray]:
+        src = engine.voices[voice].sample_rate
+        for sentence in split_sentences(text):
+            with synth_seconds.time():
+                parts = await asyncio.to_thread(engine.synthesize, sentence, voice, speed)
+            for part in parts:
+                yield resample(part, src, rate)
+
+    async def render(engine: Synthesizer, text: str, voice: str, speed: float, rate: int) -> np.ndarray:
+        parts = [p async for p in sentences_audio(engine, text, voice, speed, rate)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    @app.post("/synthesize")
+    async def synthesize(req: SynthesizeRequest, engine: Engine) -> Response:
+        text = check_text(req.text)
+        voice = engine.resolve(req.voice)
+        rate = req.sample_rate or settings.sample_rate or engine.voices[voice].sample_rate
+        audio = await render(engine, text, voice, req.speed, rate)
+        headers = {"X-Voice": voice, "X-Sample-Rate": str(rate), "X-Duration-Ms": f"{len(audio) * 1000 / rate:.0f}"}
+        if req.return_format == "pcm":
+            headers.update({"X-Sample-Width": "2", "X-Channels": "1"})
+            return Response(float32_to_pcm16(audio), media_type="audio/pcm", headers=headers)
+        wav = encode_audio(audio, rate, "wav")
+        if req.return_format == "wav":
+            return Response(wav, media_type="audio/wav", headers=headers)
+        body = {
+            "audio": base64.b64encode(wav).decode(),
+            "encoding": "wav",
+            "voice": voice,
+            "sample_rate": rate,
+            "duration_ms": round(len(audio) * 1000 / rate),
+        }
+        return Response(json.dumps(body), media_type="application/json", headers=headers)
+
+    @app.get("/voices")
+    async def voices(engine: Engine) -> dict[str, Any]:
+        return {"default": engine.default_voice, "voices": [v.as_dict() for v in engine.voices.values()]}
+
+    @app.post("/v1/audio/speech")
+    async def speech(req: SpeechRequest, engine: Engine) -> Response:
+        text = check_text(req.input)
+        if req.response_format == "aac":
+            raise ApiError(400, "unsupported_format", "aac is not available; use mp3, opus, flac, wav or pcm")
+        voice = engine.resolve(req.voice)
+        fmt = req.response_format
+        rate = 24000 if fmt == "pcm" else settings.sample_rate or engine.voices[voice].sample_rate
+        if req.stream_format == "sse":
+
+            async def events() -> AsyncIterator[str]:
+                async for part in sentences_audio(engine, text, voice, req.speed, rate):
+                    data = encode_audio(part, rate, fmt) if fmt != "pcm" else float32_to_pcm16(part)
+                    delta = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+                    yield f"data: {json.dumps(delta)}\n\n"
+                usage = {"input_tokens": len(text.split()), "output_tokens": 0, "total_tokens": len(text.split())}
+                yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        if fmt == "pcm":  # raw PCM streams sentence by sentence
+
+            async def pcm() -> AsyncIterator[bytes]:
+                async for part in sentences_audio(engine, text, voice, req.speed, rate):
+                    yield float32_to_pcm16(part)
+
+            return StreamingResponse(pcm(), media_type=MEDIA["pcm"], headers={"X-Sample-Rate": str(rate)})
+        audio = await render(engine, text, voice, req.speed, rate)
+        data = await asyncio.to_thread(encode_audio, audio, rate, fmt)
+        return Response(data, media_type=MEDIA[fmt])
+
+    @app.websocket("/ws")
+    async def ws(socket: WebSocket) -> None:
+        await serve_stream(socket, app, settings)
+
+    return app

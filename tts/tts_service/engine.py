@@ -1,0 +1,123 @@
+"""The Synthesizer protocol and its piper implementation (blocking: call from a thread)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from voice_common.errors import ApiError
+
+OPENAI_VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"}
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    name: str
+    language: str
+    sample_rate: int
+    speakers: list[str]
+    quality: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "language": self.language,
+            "sample_rate": self.sample_rate,
+            "speakers": self.speakers,
+            "quality": self.quality,
+        }
+
+
+class Synthesizer(Protocol):
+    voices: dict[str, VoiceInfo]
+    default_voice: str
+
+    def resolve(self, alias: str | None) -> str: ...
+
+    def synthesize(self, text: str, voice: str, speed: float = 1.0) -> list[np.ndarray]:
+        """Mono float32 at the voice's rate, one array per sentence piper found in `text`."""
+        ...
+
+
+def _voice_info(config_path: Path) -> VoiceInfo:
+    cfg = json.loads(config_path.read_text())
+    lang = cfg.get("language", {})
+    return VoiceInfo(
+        name=config_path.name.removesuffix(".onnx.json"),
+        language=lang.get("code") or cfg.get("espeak", {}).get("voice", "unknown"),
+        sample_rate=int(cfg["audio"]["sample_rate"]),
+        speakers=sorted(cfg.get("speaker_id_map", {}), key=lambda s: cfg["speaker_id_map"][s]),
+        quality=cfg["audio"].get("quality"),
+    )
+
+
+class PiperEngine:
+    def __init__(
+        self,
+        voices_dir: Path,
+        default_voice: str,
+        threads: int,
+        length_scale: float,
+        noise_scale: float | None,
+        noise_w_scale: float | None,
+    ) -> None:
+        self.voices_dir = voices_dir
+        self.voices = {v.name: v for v in (_voice_info(p) for p in sorted(voices_dir.glob("*.onnx.json")))}
+        if not self.voices:
+            raise FileNotFoundError(f"no piper voices (*.onnx + *.onnx.json) in {voices_dir}: run `make models`")
+        self.default_voice = default_voice if default_voice in self.voices else next(iter(self.voices))
+        self.threads = threads
+        self.length_scale = length_scale
+        self.noise_scale = noise_scale
+        self.noise_w_scale = noise_w_scale
+        self._loaded: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._load(self.default_voice)
+
+    def _load(self, name: str) -> Any:
+        with self._lock:
+            if name not in self._loaded:
+                import onnxruntime as ort
+                from piper import PiperVoice
+                from piper.config import PiperConfig
+
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+                model = self.voices_dir / f"{name}.onnx"
+                config = json.loads((self.voices_dir / f"{name}.onnx.json").read_text())
+                session = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+                self._loaded[name] = PiperVoice(config=PiperConfig.from_dict(config), session=session)
+            return self._loaded[name]
+
+    def resolve(self, alias: str | None) -> str:
+        """Exact name, then a unique prefix/substring, then the language of an alias like `en_female`,
+        then OpenAI's voice names -> the default voice; otherwise a 400 that lists what is installed."""
+        if not alias:
+            return self.default_voice
+        if alias in self.voices:
+            return alias
+        low = alias.lower()
+        matches = [n for n in self.voices if low in n.lower()]
+        if matches:
+            return matches[0]
+        lang = low.replace("-", "_").split("_")[0]
+        by_lang = [n for n, v in self.voices.items() if v.language.lower().startswith(lang)]
+        if len(lang) == 2 and by_lang:
+            return self.default_voice if self.default_voice in by_lang else by_lang[0]
+        if low in OPENAI_VOICES:
+            return self.default_voice
+        raise ApiError(400, "unknown_voice", f"unknown voice {alias!r}; installed: {', '.join(self.voices)}")
+
+    def synthesize(self, text: str, voice: str, speed: float = 1.0) -> list[np.ndarray]:
+        from piper.config import SynthesisConfig
+
+        piper_voice = self._load(voice)
+        config = SynthesisConfig(
+            length_scale=self.length_scale / speed, noise_scale=self.noise_scale, noise_w_scale=self.noise_w_scale
+        )
+        return [chunk.audio_float_array for chunk in piper_voice.synthesize(text, syn_config=config)]

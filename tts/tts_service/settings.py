@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from voice_common.settings import ServiceSettings
+
+
+class TtsSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TTS_", env_file=".env", extra="ignore")
+
+    port: int = 3003
+    voices_dir: Path | None = Field(
+        None, description="folder of piper *.onnx + *.onnx.json; default <models_dir>/tts/voices"
+    )
+    default_voice: str = "en_US-joe-medium"
+    sample_rate: int | None = Field(None, description="output rate; None = the voice's own rate")
+    length_scale: float = 1.0
+    noise_scale: float | None = None
+    noise_w_scale: float | None = None
+    threads: int = 1
+    max_chars: int = 4096
+    chunk_ms: int = Field(40, description="PCM frame size on the WebSocket")
+    max_streams: int = 32
+
+    @property
+    def resolved_voices_dir(self) -> Path:
+        return self.voices_dir or self.models_dir / "tts" / "voices"
