@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+from typing import Literal
 
 import httpx
 import openai
@@ -112,7 +113,13 @@ async def test_bad_inputs(tts) -> None:
 def test_openai_client(tts, stt) -> None:
     client = openai.OpenAI(base_url=f"{tts.url}/v1", api_key="unused")
     text = SENTENCES[0]
-    for fmt, container in (("wav", "WAV"), ("flac", "FLAC"), ("mp3", "MP3"), ("opus", "OGG")):
+    formats: list[tuple[Literal["wav", "flac", "mp3", "opus"], str]] = [
+        ("wav", "WAV"),
+        ("flac", "FLAC"),
+        ("mp3", "MP3"),
+        ("opus", "OGG"),
+    ]
+    for fmt, container in formats:
         audio = client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format=fmt).content
         info = sf.info(io.BytesIO(audio))
         assert info.format == container and 2.0 < info.duration < 5.0, (fmt, info)
