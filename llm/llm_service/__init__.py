@@ -1,0 +1,1 @@
+"""LLM service: Ollama, any OpenAI-compatible server, or an embedded llama.cpp model."""

@@ -1,0 +1,308 @@
+"""LLM HTTP (JSON + SSE), OpenAI-compatible and WebSocket API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, WebSocket
+from fastapi.responses import StreamingResponse
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel, ConfigDict, Field
+from voice_common.app import create_service_app, engine_of
+from voice_common.errors import ApiError, error_body
+from voice_common.limits import Limiter
+from voice_common.protocol import (
+    Cancel,
+    Cancelled,
+    ChatMessage,
+    GenerateRequest,
+    LlmDone,
+    LlmRequest,
+    ProtocolError,
+    Token,
+    llm_client_events,
+    parse_event,
+)
+from voice_common.ws import receive_frame, send_error, send_event
+
+from .backends import Backend, EmbeddedBackend, OllamaBackend, OpenAIBackend
+from .generation import generate
+from .settings import LlmSettings
+
+logger = logging.getLogger(__name__)
+SERVICE = "llm"
+Engine = Annotated[Backend, Depends(engine_of)]
+
+
+def build_backend(settings: LlmSettings) -> Backend:
+    if settings.backend == "ollama":
+        return OllamaBackend(
+            settings.ollama_base_url,
+            settings.ollama_model,
+            settings.ollama_keep_alive,
+            settings.ollama_num_ctx,
+            settings.connect_timeout_s,
+        )
+    if settings.backend == "openai":
+        return OpenAIBackend(
+            settings.openai_base_url, settings.openai_api_key, settings.openai_model, settings.connect_timeout_s
+        )
+    return EmbeddedBackend(settings.resolved_model_path, settings.threads, settings.context_tokens)
+
+
+class OpenAIChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    def to_generate(self, default_max: int) -> GenerateRequest:
+        messages = []
+        for i, m in enumerate(self.messages):
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: keep the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            role = m.get("role")
+            if role not in ("system", "user", "assistant", "developer"):
+                raise ApiError(400, "invalid_role", f"messages[{i}].role {role!r} is not system, user or assistant")
+            messages.append(ChatMessage(role="system" if role == "developer" else role, content=str(content or "")))
+        return GenerateRequest(
+            messages=messages,
+            temperature=self.temperature,
+            model=self.model,
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+        )
+
+
+def sse(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(settings: LlmSettings | None = None, engine: Backend | None = None) -> FastAPI:
+    settings = settings or LlmSettings()
+
+    async def backend_health(app: FastAPI) -> dict[str, Any]:
+        backend = app.state.slot.engine
+        if backend is None or settings.backend == "embedded":
+            return {"backend": settings.backend}
+        try:
+            models = await asyncio.wait_for(backend.models(), 3)
+            return {
+                "backend": settings.backend,
+                "backend_reachable": True,
+                "model_available": any(m in (backend.model, f"{backend.model}:latest") for m in models),
+            }
+        except (ApiError, TimeoutError) as exc:
+            return {"backend": settings.backend, "backend_reachable": False, "backend_error": str(exc)}
+
+    app = create_service_app(
+        name=SERVICE,
+        settings=settings,
+        load=lambda: build_backend(settings),
+        engine=engine,
+        info=lambda e: {
+            "backend": settings.backend,
+            "model": getattr(e, "model", None),
+            "device": "cpu" if settings.backend == "embedded" else "remote",
+            "base_url": getattr(e, "base_url", None),
+            "max_concurrent": settings.max_concurrent,
+        },
+        health=backend_health,
+    )
+    limiter = Limiter(settings.max_concurrent, settings.max_queue)
+    reg = app.state.registry
+    first_token = Histogram("llm_first_token_seconds", "time to first token", registry=reg)
+    tokens_out = Counter("llm_streamed_tokens", "tokens sent to clients", registry=reg)
+    backend_tokens = Gauge(
+        "llm_backend_tokens", "tokens produced by the embedded model (stops after cancel)", registry=reg
+    )
+    backend_tokens.set_function(lambda: float(getattr(app.state.slot.engine, "tokens_generated", 0)))
+
+    async def run(backend: Backend, req: GenerateRequest) -> AsyncIterator[Token | LlmDone]:
+        async for event in generate(backend, limiter, req, settings):
+            if isinstance(event, Token):
+                tokens_out.inc()
+            elif event.timings.first_token_ms is not None:
+                first_token.observe(event.timings.first_token_ms / 1000)
+            yield event
+
+    async def started(gen: AsyncIterator[Token | LlmDone]) -> tuple[Token | LlmDone, AsyncIterator[Token | LlmDone]]:
+        """Wait for the first event so backend errors still become a proper HTTP status."""
+        return await anext(gen), gen
+
+    @app.post("/generate")
+    async def generate_endpoint(req: GenerateRequest, backend: Engine) -> Any:
+        if not req.stream:
+            text, done = [], None
+            async for event in run(backend, req):
+                if isinstance(event, Token):
+                    text.append(event.text)
+                else:
+                    done = event
+            assert done is not None
+            return {
+                "response": "".join(text),
+                "model": done.model,
+                "usage": done.usage.model_dump(),
+                "timings": done.timings.model_dump(),
+                "finish_reason": done.finish_reason,
+            }
+        first, gen = await started(run(backend, req))
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                event: Token | LlmDone | None = first
+                while event is not None:
+                    yield sse(event.dump())
+                    event = await anext(gen, None)
+            except ApiError as exc:
+                yield sse({"type": "error", **error_body(exc.status, exc.code, exc.message)})
+            finally:
+                await gen.aclose()  # type: ignore[attr-defined]
+            yield sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: OpenAIChatRequest, backend: Engine) -> Any:
+        req = body.to_generate(settings.default_max_tokens)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        model = req.model or backend.model
+        if not body.stream:
+            text, done = [], None
+            async for event in run(backend, req):
+                if isinstance(event, Token):
+                    text.append(event.text)
+                else:
+                    done = event
+            assert done is not None
+            u = done.usage
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(text)},
+                        "finish_reason": done.finish_reason if done.finish_reason != "cancelled" else "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": u.prompt_tokens,
+                    "completion_tokens": u.completion_tokens,
+                    "total_tokens": u.prompt_tokens + u.completion_tokens,
+                },
+            }
+        first, gen = await started(run(backend, req))
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> str:
+            return sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else [],
+                    **({"usage": usage} if usage is not None else {}),
+                }
+            )
+
+        async def stream() -> AsyncIterator[str]:
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                event: Token | LlmDone | None = first
+                while event is not None:
+                    if isinstance(event, Token):
+                        yield chunk({"content": event.text})
+                    else:
+                        yield chunk({}, "length" if event.finish_reason == "length" else "stop")
+                        if include_usage:
+                            u = event.usage
+                            yield chunk(
+                                {},
+                                usage={
+                                    "prompt_tokens": u.prompt_tokens,
+                                    "completion_tokens": u.completion_tokens,
+                                    "total_tokens": u.prompt_tokens + u.completion_tokens,
+                                },
+                            )
+                    event = await anext(gen, None)
+            except ApiError as exc:
+                yield sse(error_body(exc.status, exc.code, exc.message))
+            finally:
+                await gen.aclose()  # type: ignore[attr-defined]
+            yield sse("[DONE]")
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models(backend: Engine) -> dict[str, Any]:
+        names = await backend.models()
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": backend.name} for n in names],
+        }
+
+    @app.websocket("/ws")
+    async def ws(socket: WebSocket) -> None:
+        await socket.accept()
+        current: asyncio.Task[None] | None = None
+
+        async def produce(backend: Backend, req: GenerateRequest) -> None:
+            try:
+                async for event in run(backend, req):
+                    await send_event(socket, event)
+            except ApiError as exc:
+                await send_error(socket, exc.code, exc.message, SERVICE)
+
+        try:
+            while (frame := await receive_frame(socket)) is not None:
+                if isinstance(frame, bytes):
+                    await send_error(socket, "unexpected_binary", "this socket takes JSON events only", SERVICE)
+                    continue
+                try:
+                    event = parse_event(llm_client_events, frame)
+                except ProtocolError as exc:
+                    await send_error(socket, exc.code, exc.message, SERVICE)
+                    continue
+                if isinstance(event, Cancel):
+                    if current is not None and not current.done():
+                        current.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await current
+                        await send_event(socket, Cancelled())
+                    continue
+                assert isinstance(event, LlmRequest)
+                if current is not None and not current.done():
+                    await send_error(
+                        socket, "busy", "a generation is already running on this socket; cancel it first", SERVICE
+                    )
+                    continue
+                try:
+                    backend: Backend = app.state.slot.get()
+                except ApiError as exc:
+                    await send_error(socket, exc.code, exc.message, SERVICE)
+                    continue
+                current = asyncio.create_task(produce(backend, event))
+        finally:
+            if current is not None:  # the client went away: stop generating now
+                current.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await current
+
+    return app

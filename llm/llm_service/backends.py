@@ -1,0 +1,253 @@
+"""LLM backends behind one small interface: stream chunks for a chat, stop when the consumer stops.
+
+Closing the async iterator (the client cancelled or went away) stops generation at the backend:
+embedded -> a flag checked between tokens; ollama / openai -> the HTTP stream is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from voice_common.errors import ApiError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Chunk:
+    text: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+
+class Backend(Protocol):
+    name: str
+    model: str
+
+    def stream(
+        self, messages: list[dict[str, str]], temperature: float, max_tokens: int, model: str | None
+    ) -> AsyncIterator[Chunk]: ...
+
+    async def models(self) -> list[str]: ...
+
+
+class BackendError(ApiError):
+    """A backend failure with a code main-app can act on (unreachable, model_not_found, timeout...)."""
+
+    def __init__(self, code: str, message: str, status: int = 502) -> None:
+        super().__init__(status, code, message)
+
+
+class EmbeddedBackend:
+    """llama.cpp in-process. One generation at a time per model; tokens cross from the worker thread
+    through a bounded queue; a threading.Event stops the generator between tokens."""
+
+    name = "embedded"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
+        from llama_cpp import Llama
+
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `make models`")
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.model = path.stem
+        self._lock = threading.Lock()
+        self.tokens_generated = 0  # every token llama.cpp produced, exported on /metrics
+
+    async def models(self) -> list[str]:
+        return [self.model]
+
+    def _run(
+        self, messages: list[dict[str, str]], temperature: float, max_tokens: int, cancel: threading.Event, put: Any
+    ) -> None:
+        with self._lock:
+            try:
+                complete: Any = self.llm.create_chat_completion
+                stream = complete(
+                    messages=messages,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    stream=True,
+                )
+                completion = 0
+                finish = None
+                for part in stream:
+                    self.tokens_generated += 1
+                    if cancel.is_set():
+                        break
+                    choice = part["choices"][0]
+                    delta = choice.get("delta", {}).get("content") or ""
+                    finish = choice.get("finish_reason") or finish
+                    if delta:
+                        completion += 1
+                        put(Chunk(text=str(delta)))
+                prompt = len(self.llm.tokenize(_flatten(messages).encode(), special=True))
+                put(
+                    Chunk(
+                        prompt_tokens=prompt,
+                        completion_tokens=completion,
+                        finish_reason="cancelled" if cancel.is_set() else finish or "stop",
+                    )
+                )
+            except Exception as exc:
+                put(exc)
+            finally:
+                put(None)
+
+    async def stream(
+        self, messages: list[dict[str, str]], temperature: float, max_tokens: int, model: str | None
+    ) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | Exception | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(item: Chunk | Exception | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        worker = loop.run_in_executor(None, self._run, messages, temperature, max_tokens, cancel, put)
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise BackendError("generation_failed", f"{type(item).__name__}: {item}", 500)
+                yield item
+        finally:
+            cancel.set()
+            await asyncio.shield(worker)
+
+
+def _flatten(messages: list[dict[str, str]]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+class OllamaBackend:
+    """The official ollama client against OLLAMA_BASE_URL (a GPU host)."""
+
+    name = "ollama"
+
+    def __init__(self, base_url: str, model: str, keep_alive: str, num_ctx: int, connect_timeout: float) -> None:
+        import httpx
+        import ollama
+
+        self.base_url = base_url
+        self.model = model
+        self.keep_alive = keep_alive
+        self.num_ctx = num_ctx
+        self.client = ollama.AsyncClient(host=base_url, timeout=httpx.Timeout(300.0, connect=connect_timeout))
+
+    async def models(self) -> list[str]:
+        try:
+            listing = await self.client.list()
+        except Exception as exc:
+            raise self._error(exc) from None
+        return [m.model or "" for m in listing.models]
+
+    def _error(self, exc: Exception) -> BackendError:
+        import ollama
+
+        if isinstance(exc, ollama.ResponseError):
+            if exc.status_code == 404 or "not found" in str(exc.error).lower():
+                return BackendError(
+                    "model_not_found",
+                    f"model {self.model!r} is not pulled on {self.base_url}: run `ollama pull {self.model}`",
+                    404,
+                )
+            return BackendError("backend_error", f"ollama: {exc.error}")
+        if isinstance(exc, ConnectionError | OSError) or type(exc).__name__ in ("ConnectError", "ConnectTimeout"):
+            return BackendError("backend_unreachable", f"cannot reach Ollama at {self.base_url}: {exc}", 503)
+        return BackendError("backend_error", f"ollama: {type(exc).__name__}: {exc}")
+
+    async def stream(
+        self, messages: list[dict[str, str]], temperature: float, max_tokens: int, model: str | None
+    ) -> AsyncIterator[Chunk]:
+        try:
+            response = await self.client.chat(
+                model=model or self.model,
+                messages=messages,
+                stream=True,
+                keep_alive=self.keep_alive,
+                options={"temperature": temperature, "num_predict": max_tokens, "num_ctx": self.num_ctx},
+            )
+            async for part in response:
+                if part.message and part.message.content:
+                    yield Chunk(text=part.message.content)
+                if part.done:
+                    yield Chunk(
+                        prompt_tokens=part.prompt_eval_count or 0,
+                        completion_tokens=part.eval_count or 0,
+                        finish_reason=part.done_reason or "stop",
+                    )
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise self._error(exc) from None
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible server: vLLM, llama.cpp's server, OpenAI itself."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, api_key: str, model: str, connect_timeout: float) -> None:
+        import openai
+
+        self.base_url = base_url
+        self.model = model
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300.0)
+
+    async def models(self) -> list[str]:
+        try:
+            return [m.id async for m in self.client.models.list()]
+        except Exception as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: Exception) -> BackendError:
+        import openai
+
+        if isinstance(exc, openai.APIConnectionError):
+            return BackendError("backend_unreachable", f"cannot reach {self.base_url}: {exc}", 503)
+        if isinstance(exc, openai.NotFoundError):
+            return BackendError("model_not_found", f"model {self.model!r} not found at {self.base_url}", 404)
+        return BackendError("backend_error", f"{type(exc).__name__}: {exc}")
+
+    async def stream(
+        self, messages: list[dict[str, str]], temperature: float, max_tokens: int, model: str | None
+    ) -> AsyncIterator[Chunk]:
+        try:
+            create: Any = self.client.chat.completions.create
+            response = await create(
+                model=model or self.model,
+                messages=messages,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            finish, deltas, usage_sent = "stop", 0, False
+            async with response:
+                async for part in response:
+                    if part.choices:
+                        choice = part.choices[0]
+                        finish = choice.finish_reason or finish
+                        if choice.delta and choice.delta.content:
+                            deltas += 1
+                            yield Chunk(text=choice.delta.content)
+                    if part.usage:
+                        usage_sent = True
+                        yield Chunk(
+                            prompt_tokens=part.usage.prompt_tokens,
+                            completion_tokens=part.usage.completion_tokens,
+                            finish_reason=finish,
+                        )
+            if not usage_sent:  # servers that ignore include_usage (llama.cpp's): count the deltas
+                yield Chunk(prompt_tokens=0, completion_tokens=deltas, finish_reason=finish)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise self._error(exc) from None

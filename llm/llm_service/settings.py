@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from voice_common.chat import VOICE_SYSTEM_PROMPT
+from voice_common.settings import ServiceSettings
+
+
+class LlmSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LLM_", env_file=".env", extra="ignore", populate_by_name=True)
+
+    port: int = 3004
+    backend: Literal["embedded", "ollama", "openai"] = "embedded"
+    system_prompt: str = VOICE_SYSTEM_PROMPT
+    context_tokens: int = Field(2048, description="history is trimmed to this minus max_tokens")
+    default_max_tokens: int = 256
+    max_concurrent: int = 1
+    max_queue: int = 8
+    first_token_timeout_s: float = 30.0
+    # embedded (llama.cpp in-process)
+    model_path: Path | None = Field(None, description="GGUF file; default the bundled Qwen2.5 0.5B")
+    threads: int = 2
+    # ollama
+    ollama_base_url: str = Field("http://localhost:11434", validation_alias="OLLAMA_BASE_URL")
+    ollama_model: str = "qwen3:14b"
+    ollama_keep_alive: str = "30m"
+    ollama_num_ctx: int = 4096
+    connect_timeout_s: float = 5.0
+    # openai-compatible
+    openai_base_url: str = "http://localhost:8080/v1"
+    openai_api_key: str = "unused"
+    openai_model: str = "default"
+
+    @property
+    def resolved_model_path(self) -> Path:
+        return self.model_path or self.models_dir / "llm" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"

@@ -1,0 +1,293 @@
+"""LLM service: the embedded model over all three APIs, the ollama backend against the Ollama-protocol
+test server (a fake, since no registry ships Ollama), the openai backend against llama_cpp.server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import websockets
+from voice_common.launcher import health
+from voice_common.settings import REPO_ROOT, default_models_dir
+
+from tests.helpers import free_port
+
+GGUF = default_models_dir() / "llm" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+ASK: Any = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
+COUNT: Any = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+
+
+def spawn(args: list[str], port: int, name: str) -> Iterator[str]:
+    log = (REPO_ROOT / "test-artifacts" / f"{name}-{port}.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited")
+            if health(url + ("/api/tags" if name == "ollama" else "/v1/models")) == 200:
+                break
+            import time
+
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def llm(start_service):
+    return start_service("llm")
+
+
+@pytest.fixture(scope="module")
+def fake_ollama() -> Iterator[str]:
+    port = free_port()
+    yield from spawn(["uvicorn", "tests.ollama_protocol_server:app", "--port", str(port)], port, "ollama")
+
+
+@pytest.fixture(scope="module")
+def ollama_llm(start_service, fake_ollama):
+    return start_service(
+        "llm",
+        LLM_BACKEND="ollama",
+        OLLAMA_BASE_URL=fake_ollama,
+        LLM_OLLAMA_MODEL="tiny",
+        LLM_MAX_CONCURRENT="1",
+        LLM_MAX_QUEUE="0",
+        LLM_FIRST_TOKEN_TIMEOUT_S="5",
+    )
+
+
+async def backend_tokens(url: str) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    return float(re.search(r"^llm_backend_tokens (\S+)", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+async def test_generate_json_and_sse(llm) -> None:
+    async with httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(f"{llm.url}/generate", json={"messages": ASK, "temperature": 0})
+        body = r.json()
+        assert r.status_code == 200 and "paris" in body["response"].lower()
+        assert body["usage"]["prompt_tokens"] > 10 and body["usage"]["completion_tokens"] > 0
+        assert 0 < body["timings"]["first_token_ms"] <= body["timings"]["total_ms"]
+        events = []
+        async with client.stream(
+            "POST", f"{llm.url}/generate", json={"messages": ASK, "stream": True, "temperature": 0}
+        ) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            async for line in resp.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    assert all(e["type"] == "token" for e in parsed[:-1]) and len(parsed) > 3
+    assert parsed[-1]["type"] == "done" and parsed[-1]["usage"]["completion_tokens"] > 0
+    assert "paris" in "".join(e["text"] for e in parsed[:-1]).lower()
+
+
+def test_openai_client_stream_and_not(llm) -> None:
+    client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key="unused")
+    assert client.models.list().data[0].id == "qwen2.5-coder-0.5b-instruct-q4_k_m"
+    reply = client.chat.completions.create(model="x", messages=ASK, temperature=0)
+    assert reply.object == "chat.completion" and "paris" in (reply.choices[0].message.content or "").lower()
+    assert reply.usage is not None and reply.usage.total_tokens > 10
+    chunks = list(
+        client.chat.completions.create(
+            model="x",
+            messages=ASK,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "paris" in text.lower()
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="x", messages=[{"role": "assistant", "content": "hi"}])
+
+
+async def test_websocket_tokens_and_cancel_stops_generation(llm) -> None:
+    async with websockets.connect(llm.url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "request", "messages": ASK, "temperature": 0}))
+        events = []
+        while (ev := json.loads(await ws.recv()))["type"] != "done":
+            events.append(ev)
+        assert "paris" in "".join(e["text"] for e in events).lower()
+
+        before = await backend_tokens(llm.url)
+        await ws.send(json.dumps({"type": "request", "messages": COUNT, "max_tokens": 400}))
+        received = 0
+        while received < 5:
+            if json.loads(await ws.recv())["type"] == "token":
+                received += 1
+        await ws.send(json.dumps({"type": "cancel"}))
+        while (ev := json.loads(await ws.recv()))["type"] != "cancelled":
+            received += ev["type"] == "token"
+        await asyncio.sleep(0.5)
+        at_cancel = await backend_tokens(llm.url)
+        await asyncio.sleep(1.0)
+        assert await backend_tokens(llm.url) == at_cancel  # generation really stopped
+        assert at_cancel - before - received <= 3, (at_cancel - before, received)
+
+        # the socket still works after a cancel
+        await ws.send(json.dumps({"type": "request", "messages": ASK, "max_tokens": 5}))
+        while (ev := json.loads(await ws.recv()))["type"] != "done":
+            assert ev["type"] == "token"
+        assert ev["finish_reason"] == "length"
+
+    # the client going away stops generation too
+    before = await backend_tokens(llm.url)
+    async with websockets.connect(llm.url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "request", "messages": COUNT, "max_tokens": 400}))
+        for _ in range(3):
+            await ws.recv()
+    await asyncio.sleep(1.0)
+    stopped = await backend_tokens(llm.url)
+    await asyncio.sleep(1.0)
+    assert await backend_tokens(llm.url) == stopped and stopped - before < 40
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"messages": []}, "empty_messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "invalid_request"),
+        ({"messages": [{"role": "user", "content": "  "}]}, "empty_content"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            "last_message_not_user",
+        ),
+        ({"messages": [{"role": "user"}]}, "invalid_request"),
+        ({"messages": ASK, "temperature": 5}, "invalid_request"),
+        ({"messages": ASK, "max_tokens": 0}, "invalid_request"),
+    ],
+)
+async def test_validation_errors(llm, body, code) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(f"{llm.url}/generate", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+
+
+async def test_websocket_bad_events(llm) -> None:
+    async with websockets.connect(llm.url.replace("http", "ws") + "/ws") as ws:
+        await ws.send("nope")
+        assert json.loads(await ws.recv())["code"] == "bad_event"
+        await ws.send(json.dumps({"type": "request", "messages": []}))
+        assert json.loads(await ws.recv())["code"] == "empty_messages"
+        await ws.send(b"\x00")
+        assert json.loads(await ws.recv())["code"] == "unexpected_binary"
+
+
+async def test_ollama_backend_against_protocol_server(ollama_llm, fake_ollama) -> None:
+    url = ollama_llm.url
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(f"{url}/generate", json={"messages": [{"role": "user", "content": "hello there"}]})
+        assert r.status_code == 200 and r.json()["response"] == "You said: hello there"
+        assert r.json()["usage"]["completion_tokens"] == 4
+        health = (await client.get(f"{url}/healthz")).json()
+        assert health["backend_reachable"] and health["model_available"]
+        r = await client.post(f"{url}/generate", json={"messages": ASK, "model": "qwen3:14b"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "ollama pull" in r.json()["error"]["message"]
+        # an error line in the middle of the stream
+        events = []
+        async with client.stream(
+            "POST", f"{url}/generate", json={"messages": ASK, "model": "broken", "stream": True}
+        ) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        kinds = [json.loads(e).get("type") for e in events[:-1]]
+        assert kinds == ["token", "token", "token", "error"] and events[-1] == "[DONE]"
+        assert "middle of the stream" in json.loads(events[-2])["error"]["message"]
+        # busy: one at a time, no queue -> 503 with Retry-After
+        slow = {"messages": ASK, "model": "slow", "max_tokens": 10}
+        results = await asyncio.gather(*(client.post(f"{url}/generate", json=slow) for _ in range(3)))
+        codes = sorted(r.status_code for r in results)
+        assert codes[0] == 200 and codes[-1] == 503
+        assert next(r for r in results if r.status_code == 503).headers["retry-after"]
+    async with websockets.connect(url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "request", "messages": ASK, "model": "broken"}))
+        kinds = [json.loads(await ws.recv())["type"] for _ in range(4)]
+        assert kinds == ["token", "token", "token", "error"]
+        # cancel stops the backend stream: the fake stops producing tokens
+        await ws.send(json.dumps({"type": "request", "messages": ASK, "model": "slow"}))
+        for _ in range(3):
+            await ws.recv()
+        await ws.send(json.dumps({"type": "cancel"}))
+        while json.loads(await ws.recv())["type"] != "cancelled":
+            pass
+        async with httpx.AsyncClient() as client:
+            await asyncio.sleep(0.3)
+            produced = (await client.get(f"{fake_ollama}/debug/produced")).json()["tokens"]
+            await asyncio.sleep(0.5)
+            assert (await client.get(f"{fake_ollama}/debug/produced")).json()["tokens"] == produced
+
+
+async def test_ollama_host_down(start_service) -> None:
+    down = start_service(
+        "llm", LLM_BACKEND="ollama", OLLAMA_BASE_URL=f"http://127.0.0.1:{free_port()}", LLM_CONNECT_TIMEOUT_S="1"
+    )
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(f"{down.url}/generate", json={"messages": ASK})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unreachable"
+        health = (await client.get(f"{down.url}/healthz")).json()
+        assert health["backend_reachable"] is False
+    async with websockets.connect(down.url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "request", "messages": ASK}))
+        ev = json.loads(await ws.recv())
+        assert ev["type"] == "error" and ev["code"] == "backend_unreachable" and ev["service"] == "llm"
+
+
+@pytest.fixture(scope="module")
+def llama_server() -> Iterator[str]:
+    port = free_port()
+    yield from spawn(
+        [
+            "llama_cpp.server",
+            "--model",
+            str(GGUF),
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--model_alias",
+            "qwen-local",
+            "--n_threads",
+            "2",
+        ],
+        port,
+        "llama_cpp_server",
+    )
+
+
+async def test_openai_backend_against_llama_cpp_server(start_service, llama_server) -> None:
+    svc = start_service(
+        "llm", LLM_BACKEND="openai", LLM_OPENAI_BASE_URL=f"{llama_server}/v1", LLM_OPENAI_MODEL="qwen-local"
+    )
+    async with httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(f"{svc.url}/generate", json={"messages": ASK, "temperature": 0})
+        assert r.status_code == 200 and "paris" in r.json()["response"].lower(), r.text
+        assert r.json()["usage"]["completion_tokens"] > 0
+        models = (await client.get(f"{svc.url}/v1/models")).json()
+        assert models["data"][0]["id"] == "qwen-local"
+    async with websockets.connect(svc.url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "request", "messages": ASK, "temperature": 0}))
+        tokens = []
+        while (ev := json.loads(await ws.recv()))["type"] == "token":
+            tokens.append(ev["text"])
+        assert ev["type"] == "done" and len(tokens) > 2 and "paris" in "".join(tokens).lower()
