@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in SERVICES
         if wanted is None or s.name in wanted
     ]
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"starting {', '.join(p.spec.name for p in procs)} (logs in {args.logs}) ...", flush=True)
     try:
         for p in procs:

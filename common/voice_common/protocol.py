@@ -232,7 +232,7 @@ class GenerateRequest(BaseModel):
     )
 
 
-class LlmRequest(GenerateRequest):
+class LlmRequest(Event, GenerateRequest):
     type: Literal["request"] = "request"
 
 
@@ -265,3 +265,94 @@ class LlmDone(Event):
 
 LlmServerEvent = Annotated[Token | LlmDone | Cancelled | ErrorEvent, Field(discriminator="type")]
 llm_server_events: TypeAdapter[Any] = TypeAdapter(LlmServerEvent)
+
+
+# --- main-app <-> browser ------------------------------------------------------------------------
+
+
+class SessionStart(Event):
+    type: Literal["start"] = "start"
+    format: AudioFormat = AudioFormat()
+    conversation_id: str | None = None
+    voice: str | None = None
+    language: str | None = None
+    speak: bool = True
+
+
+class UserText(Event):
+    type: Literal["text"] = "text"
+    text: str = Field(min_length=1, max_length=4000)
+
+
+class Interrupt(Event):
+    type: Literal["interrupt"] = "interrupt"
+
+
+class Playback(Event):
+    """How much of a reply's audio the client actually played (sent periodically and on interrupt)."""
+
+    type: Literal["playback"] = "playback"
+    turn: int
+    played_ms: float = Field(ge=0)
+
+
+class SessionEnd(Event):
+    type: Literal["end"] = "end"
+
+
+BrowserEvent = Annotated[
+    SessionStart | UserText | Interrupt | Playback | SessionEnd | VadConfigure, Field(discriminator="type")
+]
+browser_events: TypeAdapter[Any] = TypeAdapter(BrowserEvent)
+
+
+class SessionReady(Event):
+    type: Literal["ready"] = "ready"
+    conversation_id: str
+    output_format: AudioFormat
+    history: list[dict[str, Any]] = []
+
+
+class Transcript(Event):
+    type: Literal["transcript"] = "transcript"
+    final: bool
+    text: str
+    turn: int | None = None
+
+
+class ReplyDelta(Event):
+    type: Literal["reply_delta"] = "reply_delta"
+    turn: int
+    text: str
+
+
+class ReplyAudioStart(Event):
+    type: Literal["audio_start"] = "audio_start"
+    turn: int
+    format: AudioFormat
+
+
+class ReplyDone(Event):
+    type: Literal["reply_done"] = "reply_done"
+    turn: int
+    text: str
+    interrupted: bool = False
+
+
+class Interrupted(Event):
+    type: Literal["interrupted"] = "interrupted"
+    turn: int
+    heard_text: str = ""
+
+
+class TurnMetrics(Event):
+    """All from one clock (main-app's), in ms after the end of the user's speech (or the typed message)."""
+
+    type: Literal["metrics"] = "metrics"
+    turn: int
+    source: Literal["voice", "text"]
+    stt_final_ms: float | None = None
+    llm_first_token_ms: float | None = None
+    tts_first_audio_ms: float | None = None
+    first_audio_sent_ms: float | None = None
+    reply_done_ms: float | None = None

@@ -54,7 +54,9 @@ def build_backend(settings: LlmSettings) -> Backend:
         return OpenAIBackend(
             settings.openai_base_url, settings.openai_api_key, settings.openai_model, settings.connect_timeout_s
         )
-    return EmbeddedBackend(settings.resolved_model_path, settings.threads, settings.context_tokens)
+    return EmbeddedBackend(
+        settings.resolved_model_path, settings.threads, settings.context_tokens, settings.system_prompt
+    )
 
 
 class OpenAIChatRequest(BaseModel):

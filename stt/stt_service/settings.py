@@ -21,7 +21,7 @@ class SttSettings(ServiceSettings):
     beam_size: int = 1
     language: str | None = Field(None, description="default language; None = detect (English-only models: en)")
     vad_filter: bool = False
-    interim_interval_ms: int = Field(400, ge=50, description="re-decode the growing utterance at most this often")
+    interim_interval_ms: int = Field(500, ge=50, description="re-decode the growing utterance at most this often")
     commit_after_s: float = Field(4.0, description="commit stable segments once the uncommitted audio is this long")
     max_audio_s: float = 600.0
     max_concurrent: int = 2

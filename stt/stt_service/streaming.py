@@ -6,7 +6,10 @@ Why the final is fast:
   edge are committed (text kept, audio dropped), so no decode ever covers more than a few seconds;
 - at stop, if the latest interim decode (finished or still running) already covers everything but a
   silent tail (the VAD's hangover), it *is* the final: no new decode at all. Otherwise only the short
-  uncommitted tail is decoded, with the committed text as prompt.
+  uncommitted tail is decoded, with the committed text as prompt;
+- to make that likely, a decode is started as soon as the audio has gone quiet for `EAGER_SILENCE_MS`
+  (the user has probably stopped; the VAD will only say so after its hangover), without waiting for
+  the interim interval.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 SERVICE = "stt"
 SILENT_RMS = 0.01  # -40 dBFS: a tail this quiet adds no words
+EAGER_SILENCE_MS = 120
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Utterance:
     decoding: asyncio.Task[Hypothesis | None] | None = None
     hypothesis: Hypothesis | None = None
     closed: bool = False
+    quiet_ms: float = 0.0  # trailing quiet audio
+    eager_pending: bool = False  # quiet after speech and not decoded since
 
     def audio(self) -> np.ndarray:
         if len(self.chunks) > 1:
@@ -178,15 +184,18 @@ async def serve_stream(
             await send_error(socket, "audio_too_long", f"utterance over {settings.max_audio_s:.0f} s", SERVICE)
             return
         u.chunks.append(samples)
+        if samples.size and float(np.sqrt(np.mean(samples**2))) >= SILENT_RMS:
+            u.quiet_ms, u.eager_pending = 0.0, False
+        else:
+            before = u.quiet_ms
+            u.quiet_ms += len(samples) * 1000 / RATE
+            if before < EAGER_SILENCE_MS <= u.quiet_ms:
+                u.eager_pending = True
         now = time.monotonic()
-        if (
-            u.interim
-            and (u.decoding is None or u.decoding.done())
-            and now - u.last_decode >= settings.interim_interval_ms / 1000
-            and u.total - u.offset >= RATE // 4
-            and limiter.free_now()
-        ):
-            u.last_decode = now
+        due = now - u.last_decode >= settings.interim_interval_ms / 1000 or u.eager_pending
+        idle = u.decoding is None or u.decoding.done()
+        if u.interim and idle and due and u.total - u.offset >= RATE // 4 and limiter.free_now():
+            u.last_decode, u.eager_pending = now, False
             u.decoding = asyncio.create_task(interim(u, app.state.slot.get()))
 
     try:

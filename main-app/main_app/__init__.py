@@ -1,0 +1,1 @@
+"""main-app: orchestrates VAD, STT, LLM and TTS into a realtime voice conversation."""

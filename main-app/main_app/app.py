@@ -1,0 +1,210 @@
+"""main-app: the browser WebSocket, text chat over HTTP, conversations, the web UI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import Histogram
+from pydantic import BaseModel, Field, TypeAdapter
+from voice_common.app import create_service_app
+from voice_common.audio import AudioError, AudioFormat
+from voice_common.errors import ApiError
+from voice_common.protocol import ChatMessage, ProtocolError, SessionReady, SessionStart, TurnMetrics, parse_event
+from voice_common.ws import receive_frame, send_error, send_event
+
+from .downstream import ServiceError, check_health, llm_tokens
+from .session import LLM_DOWN_REPLY, Session
+from .settings import AppSettings
+from .store import Store
+
+logger = logging.getLogger(__name__)
+SESSION_START: TypeAdapter[SessionStart] = TypeAdapter(SessionStart)
+STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_sent_ms", "reply_done_ms")
+
+
+@dataclass
+class AppContext:
+    """Shared, stateless-per-session things: settings, the store, metrics. No session state here."""
+
+    settings: AppSettings
+    store: Store
+    stage_seconds: Histogram
+
+    def observe(self, metrics: TurnMetrics) -> None:
+        for stage in STAGES:
+            value = getattr(metrics, stage)
+            if value is not None:
+                self.stage_seconds.labels(stage.removesuffix("_ms"), metrics.source).observe(value / 1000)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class ChatRequest(BaseModel):
+    message: str = Field(min_length=1, max_length=4000)
+    conversation_id: str | None = None
+    stream: bool = False
+
+
+def create_app(settings: AppSettings | None = None, engine: AppContext | None = None) -> FastAPI:
+    settings = settings or AppSettings()
+    http = httpx.AsyncClient()
+
+    async def downstream_health(_: FastAPI) -> dict[str, Any]:
+        return {"downstream": await check_health(settings, http)}
+
+    app = create_service_app(
+        name="main-app",
+        settings=settings,
+        load=lambda: AppContext(settings, Store(settings.db_path), stage_seconds),
+        engine=engine,
+        info=lambda _: {
+            "model": None,
+            "audio_format": {"input": "any rate, PCM16 mono preferred (16 kHz)", "output": settings.output_sample_rate},
+            "device": "cpu",
+            "services": {s: getattr(settings, f"{s}_url") for s in ("vad", "stt", "tts", "llm")},
+        },
+        health=downstream_health,
+    )
+    stage_seconds = Histogram(
+        "voice_turn_stage_seconds",
+        "time from end of user speech to each stage",
+        ["stage", "source"],
+        registry=app.state.registry,
+        buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+    )
+
+    def ctx() -> AppContext:
+        context: AppContext = app.state.slot.get()
+        return context
+
+    async def conversation(cid: str | None) -> str:
+        if cid:
+            if not await ctx().store.exists(cid):
+                raise ApiError(404, "conversation_not_found", f"no conversation {cid!r}")
+            return cid
+        return await ctx().store.create()
+
+    @app.get("/conversations")
+    async def list_conversations() -> dict[str, Any]:
+        return {"conversations": await ctx().store.list()}
+
+    @app.get("/conversations/{cid}")
+    async def get_conversation(cid: str) -> dict[str, Any]:
+        meta = await ctx().store.get(cid)
+        if meta is None:
+            raise ApiError(404, "conversation_not_found", f"no conversation {cid!r}")
+        return {**meta, "messages": await ctx().store.messages(cid)}
+
+    @app.delete("/conversations/{cid}")
+    async def delete_conversation(cid: str) -> dict[str, Any]:
+        if not await ctx().store.delete(cid):
+            raise ApiError(404, "conversation_not_found", f"no conversation {cid!r}")
+        return {"deleted": cid}
+
+    @app.post("/chat")
+    async def chat(req: ChatRequest) -> Any:
+        """Text chat for clients without a WebSocket: JSON, or SSE like the LLM service."""
+        store = ctx().store
+        cid = await conversation(req.conversation_id)
+        await store.add(cid, "user", req.message, "text")
+        history = [ChatMessage(role=m["role"], content=m["content"]) for m in await store.messages(cid)]
+        t0 = time.monotonic()
+
+        async def tokens() -> AsyncIterator[tuple[str, str | None]]:
+            try:
+                async for token in llm_tokens(settings, history):
+                    yield token, None
+            except ServiceError as exc:
+                yield "", f"{exc.service}: {exc.message}"
+
+        if not req.stream:
+            parts, failure = [], None
+            async for token, err in tokens():
+                parts.append(token)
+                failure = failure or err
+            reply = "".join(parts).strip()
+            if failure and not reply:
+                raise ApiError(503, "llm_unavailable", f"{LLM_DOWN_REPLY} ({failure})")
+            await store.add(cid, "assistant", reply, "text")
+            return {
+                "conversation_id": cid,
+                "reply": reply,
+                "timings": {"total_ms": round((time.monotonic() - t0) * 1000)},
+            }
+
+        async def events() -> AsyncIterator[str]:
+            yield f"data: {json.dumps({'type': 'conversation', 'conversation_id': cid})}\n\n"
+            parts: list[str] = []
+            async for token, err in tokens():
+                if err:
+                    yield f"data: {json.dumps({'type': 'error', 'service': 'llm', 'message': err})}\n\n"
+                    break
+                parts.append(token)
+                yield f"data: {json.dumps({'type': 'token', 'text': token})}\n\n"
+            reply = "".join(parts).strip()
+            if reply:
+                await store.add(cid, "assistant", reply, "text")
+            yield f"data: {json.dumps({'type': 'done', 'conversation_id': cid, 'reply': reply})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.websocket("/ws")
+    async def ws(socket: WebSocket) -> None:
+        await socket.accept()
+        try:
+            context = ctx()
+        except ApiError as exc:
+            await send_error(socket, exc.code, exc.message, "main-app", fatal=True)
+            await socket.close(1013)
+            return
+        start: SessionStart | None = None
+        while start is None:
+            frame = await receive_frame(socket)
+            if frame is None:
+                return
+            if isinstance(frame, bytes):
+                await send_error(socket, "no_session", "send a start event before audio", "main-app")
+                continue
+            try:
+                event = parse_event(SESSION_START, frame)
+                event.format.check()
+                cid = await conversation(event.conversation_id)
+                start = event
+            except (ProtocolError, ApiError) as exc:
+                await send_error(socket, exc.code, exc.message, "main-app")
+            except AudioError as exc:
+                await send_error(socket, "unsupported_format", str(exc), "main-app")
+        history = await context.store.messages(cid)
+        await send_event(
+            socket,
+            SessionReady(
+                conversation_id=cid, history=history, output_format=AudioFormat(rate=settings.output_sample_rate)
+            ),
+        )
+        logger.info("session started: conversation %s", cid)
+        await Session(socket, context, start, cid).run()
+        logger.info("session ended: conversation %s", cid)
+
+    if settings.web_dir.exists():
+        app.mount("/static", StaticFiles(directory=settings.web_dir), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(settings.web_dir / "index.html")
+
+    @app.on_event("shutdown")
+    async def _close_http() -> None:
+        await http.aclose()
+
+    return app

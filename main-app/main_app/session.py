@@ -1,0 +1,501 @@
+"""One browser session: mic audio -> VAD + STT -> LLM -> TTS -> paced audio back, with barge-in.
+
+Tasks per session (a task group: when one ends the others are cancelled): the browser reader, the
+VAD link and the STT link (each reconnects by itself when its service comes back). Each reply is a
+Turn running in its own task with its own LLM and TTS sockets, so cancelling a turn (barge-in, a new
+message) closes those sockets, which stops generation and synthesis downstream; anything still in
+flight for an old turn id is dropped before it reaches the browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import WebSocket
+from voice_common.audio import AudioFormat
+from voice_common.protocol import (
+    ChatMessage,
+    ErrorEvent,
+    Event,
+    Interrupt,
+    Interrupted,
+    Playback,
+    ProtocolError,
+    ReplyAudioStart,
+    ReplyDelta,
+    ReplyDone,
+    SessionEnd,
+    SessionStart,
+    SpeechStarted,
+    SpeechStopped,
+    Stop,
+    SttStart,
+    Transcript,
+    TtsStart,
+    TtsText,
+    TurnMetrics,
+    UserText,
+    VadConfigure,
+    VadStart,
+    browser_events,
+    parse_event,
+)
+from voice_common.tasks import run_until_first_done
+from voice_common.ws import receive_frame, send_event
+from websockets.asyncio.client import ClientConnection
+
+from .downstream import CONNECTION_ERRORS, ServiceError, connect, llm_tokens
+
+if TYPE_CHECKING:
+    from .app import AppContext
+
+logger = logging.getLogger(__name__)
+LLM_DOWN_REPLY = "Sorry, I can't reach my language model right now. Please try again in a moment."
+
+
+@dataclass
+class Turn:
+    id: int
+    source: str
+    t0: float  # monotonic: end of the user's speech, or when the typed message arrived
+    user_text: str
+    speak: bool
+    task: asyncio.Task[None] | None = None
+    text: list[str] = field(default_factory=list)
+    sentences: list[tuple[str, float, float]] = field(default_factory=list)  # spoken text, start/end ms
+    audio_ms: float = 0.0
+    play_end: float = 0.0  # monotonic time the client finishes playing what was sent
+    played_ms: float | None = None  # reported by the client
+    audio_started: bool = False
+    finished: bool = False
+    message_id: int | None = None
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, (time.monotonic() - self.t0) * 1000)
+
+    @property
+    def reply(self) -> str:
+        return "".join(self.text).strip()
+
+    def heard(self) -> str:
+        """What the user actually heard: whole sentences before the played position, then the played
+        fraction of the sentence in progress."""
+        if not self.speak or not self.audio_started:
+            return self.reply if not self.speak else ""
+        played = self.played_ms
+        if played is None:  # no report from the client: estimate from what we paced out
+            played = max(0.0, self.audio_ms - max(0.0, self.play_end - time.monotonic()) * 1000)
+        words: list[str] = []
+        for text, start, end in self.sentences:
+            if played >= end:
+                words.extend(text.split())
+            elif played > start:
+                parts = text.split()
+                words.extend(parts[: int(len(parts) * (played - start) / max(1.0, end - start))])
+                break
+        return " ".join(words)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def is_echo(transcript: str, reply: str) -> bool:
+    """The assistant hearing itself: most of the transcript's words are in what it is saying."""
+    said, heard = set(_words(reply)), _words(transcript)
+    return len(heard) >= 2 and sum(w in said for w in heard) / len(heard) >= 0.7
+
+
+class Session:
+    def __init__(self, socket: WebSocket, ctx: AppContext, start: SessionStart, conversation_id: str) -> None:
+        self.socket = socket
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.start = start
+        self.fmt: AudioFormat = start.format
+        self.cid = conversation_id
+        self.speak = start.speak
+        self.received_ms = 0.0
+        self.ring: deque[tuple[float, bytes]] = deque()
+        self.vad: ClientConnection | None = None
+        self.vad_offset_ms = 0.0
+        self.stt: ClientConnection | None = None
+        self.in_utterance = False
+        self.speech_end: float | None = None
+        self.turn: Turn | None = None
+        self.last_turn: Turn | None = None
+        self.turns = 0
+        self.down: set[str] = set()
+        self.closed = False
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    async def send(self, event: Event) -> None:
+        if not self.closed and not await send_event(self.socket, event):
+            self.closed = True
+
+    async def error(self, service: str, code: str, message: str, fatal: bool = False) -> None:
+        logger.warning("session %s: %s %s: %s", self.cid, service, code, message)
+        await self.send(ErrorEvent(service=service, code=code, message=message, fatal=fatal))
+
+    async def service_down(self, service: str, message: str) -> None:
+        if service not in self.down:  # one error per outage, not one per frame
+            self.down.add(service)
+            await self.error(service, "service_unavailable", message)
+
+    def service_up(self, service: str) -> None:
+        self.down.discard(service)
+
+    async def run(self) -> None:
+        try:
+            await run_until_first_done(self.browser_loop(), self.vad_loop(), self.stt_loop())
+        finally:
+            self.closed = True
+            await self.cancel_turn(store=True)
+
+    # --- browser ----------------------------------------------------------------------------------
+
+    async def browser_loop(self) -> None:
+        while (frame := await receive_frame(self.socket)) is not None:
+            if isinstance(frame, bytes):
+                await self.on_audio(frame)
+                continue
+            try:
+                event = parse_event(browser_events, frame)
+            except ProtocolError as exc:
+                await self.error("main-app", exc.code, exc.message)
+                continue
+            if isinstance(event, UserText):
+                await self.start_turn(event.text, "text", time.monotonic())
+            elif isinstance(event, Interrupt):
+                await self.interrupt()
+            elif isinstance(event, Playback):
+                await self.on_playback(event)
+            elif isinstance(event, SessionEnd):
+                return
+            elif isinstance(event, SessionStart):
+                self.speak = event.speak  # settings change mid-session (e.g. the spoken-replies toggle)
+            elif isinstance(event, VadConfigure) and self.vad is not None:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await self.vad.send(event.dump())
+
+    async def on_audio(self, frame: bytes) -> None:
+        if len(frame) % self.fmt.frame_bytes or not frame:
+            await self.error("main-app", "invalid_audio", f"audio frame of {len(frame)} bytes is not whole samples")
+            return
+        start = self.received_ms
+        self.received_ms += len(frame) / self.fmt.frame_bytes / self.fmt.rate * 1000
+        self.ring.append((start, frame))
+        while self.ring and self.ring[0][0] < self.received_ms - self.settings.preroll_ms - 1000:
+            self.ring.popleft()
+        if self.vad is not None:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.vad.send(frame)
+        if self.in_utterance and self.stt is not None:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.stt.send(frame)
+
+    async def on_playback(self, event: Playback) -> None:
+        for turn in (self.turn, self.last_turn):
+            if turn is not None and turn.id == event.turn:
+                turn.played_ms = event.played_ms
+                if turn.finished and turn.message_id is not None and turn.marks.get("interrupted"):
+                    await self.ctx.store.update(turn.message_id, turn.heard(), interrupted=True)
+
+    # --- VAD --------------------------------------------------------------------------------------
+
+    async def vad_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                ws = await connect(self.settings, "vad")
+                try:
+                    await ws.send(
+                        VadStart(
+                            format=self.fmt,
+                            threshold=self.vad_threshold(),
+                            min_silence_ms=self.settings.end_of_turn_silence_ms,
+                        ).dump()
+                    )
+                    async with asyncio.timeout(self.settings.connect_timeout_s):
+                        json.loads(await ws.recv())
+                    self.vad_offset_ms, self.vad = self.received_ms, ws
+                    self.service_up("vad")
+                    backoff = 0.5
+                    async for raw in ws:
+                        await self.on_vad_event(json.loads(raw))
+                finally:
+                    self.vad = None
+                    await ws.close()
+                raise ServiceError("vad", "service_unavailable", "the voice detection service closed the stream")
+            except (ServiceError, *CONNECTION_ERRORS) as exc:
+                await self.service_down("vad", f"voice detection unavailable ({exc}); typing still works")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def vad_threshold(self) -> float:
+        speaking = self.turn is not None and self.turn.audio_started and not self.turn.finished
+        return self.settings.vad_threshold_speaking if speaking else self.settings.vad_threshold
+
+    async def set_vad_threshold(self) -> None:
+        if self.vad is not None:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.vad.send(VadConfigure(threshold=self.vad_threshold()).dump())
+
+    async def on_vad_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "speech_started":
+            t = event["t_ms"] + self.vad_offset_ms
+            await self.send(SpeechStarted(t_ms=round(t, 1)))
+            if self.turn is not None and not self.turn.finished:
+                await self.interrupt()  # barge-in
+            await self.begin_utterance(t)
+        elif event["type"] == "speech_stopped":
+            t = event["t_ms"] + self.vad_offset_ms
+            await self.send(SpeechStopped(t_ms=round(t, 1), duration_ms=event["duration_ms"]))
+            self.speech_end = time.monotonic() - max(0.0, self.received_ms - t) / 1000
+            await self.end_utterance()
+
+    # --- STT --------------------------------------------------------------------------------------
+
+    async def stt_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                ws = await connect(self.settings, "stt")
+                self.stt = ws
+                self.service_up("stt")
+                backoff = 0.5
+                try:
+                    async for raw in ws:
+                        await self.on_stt_event(json.loads(raw))
+                finally:
+                    self.stt = None
+                    self.in_utterance = False
+                    await ws.close()
+                raise ServiceError("stt", "service_unavailable", "the speech recognition service closed the stream")
+            except (ServiceError, *CONNECTION_ERRORS) as exc:
+                await self.service_down("stt", f"speech recognition unavailable ({exc}); typing still works")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def begin_utterance(self, t_ms: float) -> None:
+        if self.stt is None:
+            return
+        try:
+            await self.stt.send(SttStart(format=self.fmt, language=self.start.language).dump())
+            for start, frame in list(self.ring):  # pre-roll: the audio since the VAD's start mark
+                if start + len(frame) / self.fmt.frame_bytes / self.fmt.rate * 1000 > t_ms:
+                    await self.stt.send(frame)
+            self.in_utterance = True
+        except CONNECTION_ERRORS:
+            self.in_utterance = False
+
+    async def end_utterance(self) -> None:
+        if not self.in_utterance or self.stt is None:
+            return
+        self.in_utterance = False
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await self.stt.send(Stop().dump())
+
+    async def on_stt_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "interim":
+            await self.send(Transcript(final=False, text=event["text"]))
+        elif event["type"] == "final":
+            text = event["text"].strip()
+            await self.send(Transcript(final=True, text=text))
+            recent = self.turn or self.last_turn
+            if not text or not re.search(r"\w", text):
+                return
+            if (
+                recent is not None
+                and recent.speak
+                and is_echo(text, recent.reply)
+                and (not recent.finished or time.monotonic() - recent.play_end < 2.0)
+            ):
+                logger.info("session %s: dropped an echo of the assistant: %r", self.cid, text)
+                return
+            await self.start_turn(text, "voice", self.speech_end or time.monotonic())
+        elif event["type"] == "error" and event.get("code") not in ("empty_utterance",):
+            await self.error("stt", event.get("code", "error"), event.get("message", "speech recognition error"))
+
+    # --- turns ------------------------------------------------------------------------------------
+
+    async def start_turn(self, user_text: str, source: str, t0: float) -> None:
+        await self.interrupt()
+        self.turns += 1
+        turn = Turn(self.turns, source, t0, user_text.strip(), self.speak)
+        if source == "voice":
+            turn.mark("stt_final")
+        self.turn = turn
+        turn.task = asyncio.create_task(self.run_turn(turn))
+
+    async def interrupt(self) -> None:
+        """Barge-in or a new message: stop the current reply now and keep only what was heard."""
+        turn = self.turn
+        if turn is None or turn.finished:
+            return
+        turn.mark("interrupted")
+        if turn.audio_started:
+            await self.send(Interrupted(turn=turn.id, heard_text=turn.heard()))
+        await self.cancel_turn(store=True)
+
+    async def cancel_turn(self, store: bool) -> None:
+        turn = self.turn
+        if turn is None or turn.finished:
+            return
+        turn.finished = True
+        if turn.task is not None and not turn.task.done():
+            turn.task.cancel()
+            await asyncio.gather(turn.task, return_exceptions=True)
+        self.last_turn, self.turn = turn, None
+        heard = turn.heard()
+        if store and heard:
+            turn.message_id = await self.ctx.store.add(
+                self.cid, "assistant", heard, turn.source, turn.id, interrupted=True
+            )
+        await self.send(ReplyDone(turn=turn.id, text=heard, interrupted=True))
+        await self.set_vad_threshold()
+
+    async def run_turn(self, turn: Turn) -> None:
+        try:
+            await self.ctx.store.add(self.cid, "user", turn.user_text, turn.source, turn.id)
+            history = [
+                ChatMessage(role=m["role"], content=m["content"]) for m in await self.ctx.store.messages(self.cid)
+            ]
+            tts = await self.open_tts(turn) if turn.speak else None
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self.pump_llm(turn, history, tts))
+                    if tts is not None:
+                        group.create_task(self.pump_tts(turn, tts))
+            finally:
+                if tts is not None:
+                    await tts.close()
+            if turn.reply and turn.marks.get("llm_failed") is None:
+                turn.message_id = await self.ctx.store.add(self.cid, "assistant", turn.reply, turn.source, turn.id)
+            turn.mark("reply_done")
+            await self.send(ReplyDone(turn=turn.id, text=turn.reply))
+            await self.report_metrics(turn)
+            if turn.audio_started:  # stay interruptible until the client has played it all
+                await asyncio.sleep(max(0.0, turn.play_end - time.monotonic()))
+        finally:
+            if self.turn is turn:
+                turn.finished = True
+                self.last_turn, self.turn = turn, None
+                if not self.closed:
+                    await self.set_vad_threshold()
+
+    async def open_tts(self, turn: Turn) -> ClientConnection | None:
+        try:
+            ws = await connect(self.settings, "tts")
+            await ws.send(
+                TtsStart(
+                    voice=self.start.voice or self.settings.voice, sample_rate=self.settings.output_sample_rate
+                ).dump()
+            )
+            self.service_up("tts")
+            return ws
+        except (ServiceError, *CONNECTION_ERRORS) as exc:
+            await self.service_down("tts", f"speech synthesis unavailable ({exc}); replying in text")
+            turn.speak = False
+            return None
+
+    async def pump_llm(self, turn: Turn, history: list[ChatMessage], tts: ClientConnection | None) -> None:
+        try:
+            async for token in llm_tokens(self.settings, history):
+                turn.mark("llm_first_token")
+                turn.text.append(token)
+                await self.send(ReplyDelta(turn=turn.id, text=token))
+                if tts is not None and turn.speak:
+                    try:
+                        await tts.send(TtsText(text=token).dump())
+                    except CONNECTION_ERRORS:
+                        turn.speak = False
+            self.service_up("llm")
+        except ServiceError as exc:
+            turn.mark("llm_failed")
+            if exc.code == "service_unavailable":
+                await self.service_down("llm", exc.message)
+            else:
+                await self.error("llm", exc.code, exc.message)
+            if not turn.text:
+                turn.text.append(LLM_DOWN_REPLY)
+                await self.send(ReplyDelta(turn=turn.id, text=LLM_DOWN_REPLY))
+                if tts is not None and turn.speak:
+                    with contextlib.suppress(*CONNECTION_ERRORS):
+                        await tts.send(TtsText(text=LLM_DOWN_REPLY).dump())
+        if tts is not None and turn.speak:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await tts.send(Stop().dump())
+
+    async def pump_tts(self, turn: Turn, tts: ClientConnection) -> None:
+        """Audio from the TTS service to the browser, paced to about real time plus a small lead."""
+        rate = self.settings.output_sample_rate
+        lead = self.settings.playback_lead_ms / 1000
+        sentence: tuple[str, float] | None = None
+        try:
+            while True:
+                async with asyncio.timeout(self.settings.tts_timeout_s if turn.speak else None):
+                    msg = await tts.recv()
+                if isinstance(msg, bytes):
+                    turn.mark("tts_first_audio")
+                    now = time.monotonic()
+                    if not turn.audio_started:
+                        turn.audio_started = True
+                        turn.play_end = now
+                        await self.send(ReplyAudioStart(turn=turn.id, format=AudioFormat(rate=rate)))
+                        await self.set_vad_threshold()
+                    ahead = turn.play_end - now
+                    if ahead > lead:
+                        await asyncio.sleep(ahead - lead)
+                    if self.closed or self.turn is not turn:
+                        return
+                    await self.socket.send_bytes(msg)
+                    turn.mark("first_audio_sent")
+                    frame_s = len(msg) / 2 / rate
+                    turn.play_end = max(turn.play_end, time.monotonic()) + frame_s
+                    turn.audio_ms += frame_s * 1000
+                    continue
+                event = json.loads(msg)
+                if event["type"] == "sentence_start":
+                    sentence = (event["text"], turn.audio_ms)
+                elif event["type"] == "sentence_end" and sentence is not None:
+                    turn.sentences.append((sentence[0], sentence[1], turn.audio_ms))
+                    sentence = None
+                elif event["type"] == "done":
+                    return
+                elif event["type"] == "error":
+                    await self.error("tts", event.get("code", "error"), event.get("message", "synthesis error"))
+        except (TimeoutError, *CONNECTION_ERRORS) as exc:
+            turn.speak = False
+            await self.service_down("tts", f"speech synthesis failed ({type(exc).__name__}); replying in text")
+        finally:
+            if sentence is not None:
+                turn.sentences.append((sentence[0], sentence[1], turn.audio_ms))
+
+    async def report_metrics(self, turn: Turn) -> None:
+        m = turn.marks
+        event = TurnMetrics(
+            turn=turn.id,
+            source="voice" if turn.source == "voice" else "text",
+            stt_final_ms=_r(m.get("stt_final")),
+            llm_first_token_ms=_r(m.get("llm_first_token")),
+            tts_first_audio_ms=_r(m.get("tts_first_audio")),
+            first_audio_sent_ms=_r(m.get("first_audio_sent")),
+            reply_done_ms=_r(m.get("reply_done")),
+        )
+        self.ctx.observe(event)
+        await self.send(event)
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

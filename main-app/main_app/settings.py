@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from voice_common.settings import REPO_ROOT, ServiceSettings
+
+
+class AppSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="APP_", env_file=".env", extra="ignore")
+
+    port: int = 8000
+    vad_url: str = "http://127.0.0.1:3001"
+    stt_url: str = "http://127.0.0.1:3002"
+    tts_url: str = "http://127.0.0.1:3003"
+    llm_url: str = "http://127.0.0.1:3004"
+    downstream_api_key: str | None = Field(None, description="sent to the four services when they require a key")
+    data_dir: Path = REPO_ROOT / "data"
+    web_dir: Path = REPO_ROOT / "web"
+    system_prompt: str | None = Field(None, description="overrides the LLM service's voice prompt")
+    voice: str | None = None
+    output_sample_rate: int = 22050
+    history_tokens: int = 1500
+    max_reply_tokens: int = 200
+    temperature: float = 0.6
+    end_of_turn_silence_ms: int = Field(350, description="VAD silence that ends the user's turn")
+    vad_threshold: float = 0.5
+    vad_threshold_speaking: float = Field(0.85, description="echo guard: VAD threshold while the assistant speaks")
+    preroll_ms: int = 600
+    playback_lead_ms: int = Field(250, description="how far ahead of real time reply audio may be sent")
+    connect_timeout_s: float = 3.0
+    stt_final_timeout_s: float = 10.0
+    llm_first_token_timeout_s: float = 20.0
+    tts_timeout_s: float = 10.0
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "conversations.sqlite3"
+
+    def ws_url(self, base: str, path: str = "/ws") -> str:
+        url = base.replace("https://", "wss://").replace("http://", "ws://") + path
+        return url + (f"?api_key={self.downstream_api_key}" if self.downstream_api_key else "")
