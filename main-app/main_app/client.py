@@ -32,10 +32,13 @@ class VoiceClient:
     _reader: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def connect(self, conversation_id: str | None = None, speak: bool = True, rate: int = 16000) -> dict[str, Any]:
+    async def connect(
+        self, conversation_id: str | None = None, speak: bool = True, rate: int = 16000
+    ) -> dict[str, Any]:
         self.ws = await websockets.connect(self.url, max_size=8 * 1024 * 1024)
-        await self.ws.send(json.dumps({"type": "start", "format": {"rate": rate}, "conversation_id": conversation_id,
-                                       "speak": speak}))
+        await self.ws.send(
+            json.dumps({"type": "start", "format": {"rate": rate}, "conversation_id": conversation_id, "speak": speak})
+        )
         ready = json.loads(await self.ws.recv())
         if ready["type"] != "ready":
             raise RuntimeError(f"session not ready: {ready}")
@@ -86,15 +89,17 @@ class VoiceClient:
     def of_type(self, kind: str, after: float = 0.0) -> list[dict[str, Any]]:
         return [r.event for r in self.events if r.event["type"] == kind and r.t >= after]
 
-    async def wait_for(self, kind: str, timeout: float = 60.0, after: float = 0.0, **match: Any) -> Received:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, kind: str, within: float = 60.0, after: float = 0.0, **match: Any) -> Received:
+        deadline = time.monotonic() + within
         while True:
             for r in self.events:
                 if r.t >= after and r.event["type"] == kind and all(r.event.get(k) == v for k, v in match.items()):
                     return r
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no {kind} event {match} in {timeout} s; got {[r.event['type'] for r in self.events]}")
+                raise TimeoutError(
+                    f"no {kind} event {match} in {within} s; got {[r.event['type'] for r in self.events]}"
+                )
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
