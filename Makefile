@@ -10,7 +10,7 @@ APT_PACKAGES := espeak-ng pocketsphinx-testdata chromium sox
 PACKAGES := common vad stt tts llm main-app
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup apt venv deps models lint fmt bench clean
+.PHONY: run test setup apt venv deps models lint fmt bench clean lock
 
 run: setup ## install what is missing, start all five services, Ctrl-C stops them
 	$(PY) -m voice_common.launcher
@@ -56,3 +56,7 @@ bench: setup ## all benchmark scripts; numbers go into the README
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+lock: ## re-pin constraints.txt from the current environment
+	(echo "# Pinned versions of every Python dependency (pip constraints; refresh with 'make lock')."; \
+	 $(PIP) freeze --exclude-editable | grep -v '^-e' | grep -vi '^voice') > constraints.txt

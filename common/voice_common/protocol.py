@@ -356,3 +356,11 @@ class TurnMetrics(Event):
     tts_first_audio_ms: float | None = None
     first_audio_sent_ms: float | None = None
     reply_done_ms: float | None = None
+
+
+class ServiceStatus(Event):
+    """A downstream service went down or came back (the UI shows it; the session goes on)."""
+
+    type: Literal["service_status"] = "service_status"
+    service: str
+    status: Literal["ok", "down"]

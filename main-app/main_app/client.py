@@ -30,6 +30,7 @@ class VoiceClient:
     output_rate: int = 22050
     _turn: int | None = None
     _reader: asyncio.Task[None] | None = None
+    _reporter: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def connect(
@@ -45,7 +46,17 @@ class VoiceClient:
         self.conversation_id = ready["conversation_id"]
         self.output_rate = ready["output_format"]["rate"]
         self._reader = asyncio.create_task(self._read())
+        self._reporter = asyncio.create_task(self._report_playback())
         return dict(ready)
+
+    async def _report_playback(self) -> None:
+        """Tell the server how much of the current reply a real-time player has played, as a browser does."""
+        while True:
+            await asyncio.sleep(0.15)
+            if self._turn is not None and self.ws is not None:
+                await self.ws.send(
+                    json.dumps({"type": "playback", "turn": self._turn, "played_ms": round(self.played_ms(self._turn))})
+                )
 
     async def _read(self) -> None:
         assert self.ws is not None
@@ -60,7 +71,9 @@ class VoiceClient:
             if event["type"] == "audio_start":
                 self._turn = event["turn"]
             elif event["type"] == "interrupted":
+                played = self.played_ms(event["turn"])
                 self._turn = None
+                await self.ws.send(json.dumps({"type": "playback", "turn": event["turn"], "played_ms": round(played)}))
             self.events.append(Received(now, event))
             self._changed.set()
 
@@ -109,6 +122,7 @@ class VoiceClient:
     async def close(self) -> None:
         if self.ws is not None:
             await self.ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in (self._reader, self._reporter):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)

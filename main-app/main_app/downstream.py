@@ -47,6 +47,15 @@ async def connect(settings: AppSettings, service: str) -> ClientConnection:
 CONNECTION_ERRORS = (OSError, TimeoutError, websockets.exceptions.WebSocketException)
 
 
+async def hang_up(ws: ClientConnection, abort: bool) -> None:
+    """Close a service socket. On cancellation, abort: a polite close handshake can wait behind
+    megabytes of queued audio, and the service stops its work on the disconnect anyway."""
+    if abort:
+        ws.transport.abort()
+    else:
+        await ws.close()
+
+
 async def llm_tokens(settings: AppSettings, messages: list[ChatMessage]) -> AsyncIterator[str]:
     """Stream reply tokens for a conversation. Leaving the loop early closes the socket, which stops
     generation at the LLM service at once."""
@@ -57,6 +66,7 @@ async def llm_tokens(settings: AppSettings, messages: list[ChatMessage]) -> Asyn
         system_prompt=settings.system_prompt,
     )
     ws = await connect(settings, "llm")
+    finished = False
     try:
         await ws.send(request.dump())
         first = True
@@ -71,13 +81,14 @@ async def llm_tokens(settings: AppSettings, messages: list[ChatMessage]) -> Asyn
                 first = False
                 yield event["text"]
             elif event["type"] == "done":
+                finished = True
                 return
             elif event["type"] == "error":
                 raise ServiceError("llm", event.get("code", "error"), event.get("message", "LLM error"))
     except CONNECTION_ERRORS as exc:
         raise ServiceError("llm", "service_unavailable", f"lost the LLM service: {exc}") from None
     finally:
-        await ws.close()
+        await hang_up(ws, abort=not finished)
 
 
 async def check_health(settings: AppSettings, client: httpx.AsyncClient) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from typing import TYPE_CHECKING, Any
 
 from fastapi import WebSocket
@@ -32,6 +33,7 @@ from voice_common.protocol import (
     ReplyAudioStart,
     ReplyDelta,
     ReplyDone,
+    ServiceStatus,
     SessionEnd,
     SessionStart,
     SpeechStarted,
@@ -52,7 +54,7 @@ from voice_common.tasks import run_until_first_done
 from voice_common.ws import receive_frame, send_event
 from websockets.asyncio.client import ClientConnection
 
-from .downstream import CONNECTION_ERRORS, ServiceError, connect, llm_tokens
+from .downstream import CONNECTION_ERRORS, ServiceError, connect, hang_up, llm_tokens
 
 if TYPE_CHECKING:
     from .app import AppContext
@@ -110,9 +112,12 @@ def _words(text: str) -> list[str]:
 
 
 def is_echo(transcript: str, reply: str) -> bool:
-    """The assistant hearing itself: most of the transcript's words are in what it is saying."""
-    said, heard = set(_words(reply)), _words(transcript)
-    return len(heard) >= 2 and sum(w in said for w in heard) / len(heard) >= 0.7
+    """The assistant hearing itself: the transcript is, nearly word for word, a run of what it is saying."""
+    heard, said = _words(transcript), _words(reply)
+    if len(heard) < 3:
+        return False
+    match = SequenceMatcher(None, heard, said, autojunk=False).find_longest_match(0, len(heard), 0, len(said))
+    return match.size >= 0.7 * len(heard)
 
 
 class Session:
@@ -151,16 +156,19 @@ class Session:
         if service not in self.down:  # one error per outage, not one per frame
             self.down.add(service)
             await self.error(service, "service_unavailable", message)
+            await self.send(ServiceStatus(service=service, status="down"))
 
-    def service_up(self, service: str) -> None:
-        self.down.discard(service)
+    async def service_up(self, service: str) -> None:
+        if service in self.down:
+            self.down.discard(service)
+            await self.send(ServiceStatus(service=service, status="ok"))
 
     async def run(self) -> None:
         try:
             await run_until_first_done(self.browser_loop(), self.vad_loop(), self.stt_loop())
         finally:
             self.closed = True
-            await self.cancel_turn(store=True)
+            await self.cancel_turn(barge_in=False)
 
     # --- browser ----------------------------------------------------------------------------------
 
@@ -229,7 +237,7 @@ class Session:
                     async with asyncio.timeout(self.settings.connect_timeout_s):
                         json.loads(await ws.recv())
                     self.vad_offset_ms, self.vad = self.received_ms, ws
-                    self.service_up("vad")
+                    await self.service_up("vad")
                     backoff = 0.5
                     async for raw in ws:
                         await self.on_vad_event(json.loads(raw))
@@ -255,9 +263,9 @@ class Session:
         if event["type"] == "speech_started":
             t = event["t_ms"] + self.vad_offset_ms
             await self.send(SpeechStarted(t_ms=round(t, 1)))
+            await self.begin_utterance(t)
             if self.turn is not None and not self.turn.finished:
                 await self.interrupt()  # barge-in
-            await self.begin_utterance(t)
         elif event["type"] == "speech_stopped":
             t = event["t_ms"] + self.vad_offset_ms
             await self.send(SpeechStopped(t_ms=round(t, 1), duration_ms=event["duration_ms"]))
@@ -272,7 +280,7 @@ class Session:
             try:
                 ws = await connect(self.settings, "stt")
                 self.stt = ws
-                self.service_up("stt")
+                await self.service_up("stt")
                 backoff = 0.5
                 try:
                     async for raw in ws:
@@ -346,9 +354,11 @@ class Session:
         turn.mark("interrupted")
         if turn.audio_started:
             await self.send(Interrupted(turn=turn.id, heard_text=turn.heard()))
-        await self.cancel_turn(store=True)
+        await self.cancel_turn(barge_in=True)
 
-    async def cancel_turn(self, store: bool) -> None:
+    async def cancel_turn(self, barge_in: bool) -> None:
+        """Stop the current turn's task. What is kept: the heard part of the reply (barge-in), or the
+        whole reply if it was complete and the browser simply went away."""
         turn = self.turn
         if turn is None or turn.finished:
             return
@@ -358,11 +368,16 @@ class Session:
             await asyncio.gather(turn.task, return_exceptions=True)
         self.last_turn, self.turn = turn, None
         heard = turn.heard()
-        if store and heard:
+        if barge_in:
+            turn.play_end = min(turn.play_end, time.monotonic())  # the client flushed its queue
+        if turn.message_id is None and heard:
             turn.message_id = await self.ctx.store.add(
                 self.cid, "assistant", heard, turn.source, turn.id, interrupted=True
             )
-        await self.send(ReplyDone(turn=turn.id, text=heard, interrupted=True))
+        elif turn.message_id is not None and barge_in:
+            await self.ctx.store.update(turn.message_id, heard, interrupted=True)
+        if "reply_done" not in turn.marks:
+            await self.send(ReplyDone(turn=turn.id, text=heard, interrupted=True))
         await self.set_vad_threshold()
 
     async def run_turn(self, turn: Turn) -> None:
@@ -372,14 +387,16 @@ class Session:
                 ChatMessage(role=m["role"], content=m["content"]) for m in await self.ctx.store.messages(self.cid)
             ]
             tts = await self.open_tts(turn) if turn.speak else None
+            completed = False
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self.pump_llm(turn, history, tts))
                     if tts is not None:
                         group.create_task(self.pump_tts(turn, tts))
+                completed = True
             finally:
                 if tts is not None:
-                    await tts.close()
+                    await hang_up(tts, abort=not completed)
             if turn.reply and turn.marks.get("llm_failed") is None:
                 turn.message_id = await self.ctx.store.add(self.cid, "assistant", turn.reply, turn.source, turn.id)
             turn.mark("reply_done")
@@ -402,7 +419,7 @@ class Session:
                     voice=self.start.voice or self.settings.voice, sample_rate=self.settings.output_sample_rate
                 ).dump()
             )
-            self.service_up("tts")
+            await self.service_up("tts")
             return ws
         except (ServiceError, *CONNECTION_ERRORS) as exc:
             await self.service_down("tts", f"speech synthesis unavailable ({exc}); replying in text")
@@ -420,7 +437,7 @@ class Session:
                         await tts.send(TtsText(text=token).dump())
                     except CONNECTION_ERRORS:
                         turn.speak = False
-            self.service_up("llm")
+            await self.service_up("llm")
         except ServiceError as exc:
             turn.mark("llm_failed")
             if exc.code == "service_unavailable":
