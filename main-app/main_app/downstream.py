@@ -13,6 +13,7 @@ import websockets
 from voice_common.chat import trim_history
 from voice_common.protocol import ChatMessage, LlmRequest
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import WebSocketException
 
 from .settings import AppSettings
 
@@ -40,11 +41,11 @@ async def connect(settings: AppSettings, service: str) -> ClientConnection:
         return await websockets.connect(
             url, open_timeout=settings.connect_timeout_s, max_size=4 * 1024 * 1024, ping_interval=20, ping_timeout=20
         )
-    except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
+    except (OSError, TimeoutError, WebSocketException) as exc:
         raise ServiceError(service, "service_unavailable", f"cannot connect to the {service} service: {exc}") from None
 
 
-CONNECTION_ERRORS = (OSError, TimeoutError, websockets.exceptions.WebSocketException)
+CONNECTION_ERRORS = (OSError, TimeoutError, WebSocketException)
 
 
 async def hang_up(ws: ClientConnection, abort: bool) -> None:

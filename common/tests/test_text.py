@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from voice_common.chat import estimate_tokens, trim_history
+from voice_common.protocol import ChatMessage
+from voice_common.text import SentenceSplitter, clean_for_speech, split_sentences
+
+
+def test_abbreviations_decimals_and_numbers_do_not_split() -> None:
+    text = "Dr. Smith paid $1,250.75 on Jan. 5, e.g. for 3.14 kg. Was it Mr. Jones? Yes! Done."
+    assert split_sentences(text) == [
+        "Dr. Smith paid $1,250.75 on Jan. 5, e.g. for 3.14 kg.",
+        "Was it Mr. Jones?",
+        "Yes!",
+        "Done.",
+    ]
+
+
+def test_markdown_and_emoji_are_cleaned() -> None:
+    md = "# Title\n\n**Bold** and *italic* with `code` and [a link](http://x.y) 🚀.\n- item one\n- item two"
+    assert split_sentences(md) == ["Title", "Bold and italic with code and a link.", "item one", "item two"]
+    assert clean_for_speech("Visit https://example.com now 😀") == "Visit a link now "
+
+
+def test_token_stream_waits_for_the_next_character() -> None:
+    s = SentenceSplitter(eager_first=False)
+    out = []
+    for piece in ["The value", " is 3", ".", "14", " today", ".", " Next", " one", "."]:
+        out += s.push(piece)
+    assert out == ["The value is 3.14 today."]
+    assert s.flush() == ["Next one."]
+
+
+def test_eager_first_clause_and_long_sentences() -> None:
+    s = SentenceSplitter(max_chars=60)
+    first = s.push("Well, that is a very good question to ask, and here is my answer ")
+    assert first == ["Well, that is a very good question to ask,"]
+    long = "word " * 50
+    assert all(len(p) <= 60 for p in split_sentences(long, max_chars=60))
+
+
+def test_trim_history_keeps_system_and_latest() -> None:
+    msgs = [ChatMessage(role="system", content="sys")] + [
+        ChatMessage(role="user" if i % 2 == 0 else "assistant", content=f"message {i} " + "x" * 400) for i in range(20)
+    ]
+    trimmed = trim_history(msgs, 600)
+    assert trimmed[0].role == "system" and trimmed[-1] == msgs[-1]
+    assert sum(estimate_tokens(m.content) for m in trimmed) <= 600
+    assert trimmed[1].role == "user"
+    assert trim_history(msgs[:1] + [msgs[-1]], 1) == msgs[:1] + [msgs[-1]]  # the last message always stays

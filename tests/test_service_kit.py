@@ -1,0 +1,107 @@
+"""What every service gets from the shared kit, checked on all five real services."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from tests.helpers import librivox_clips
+
+SERVICES = ["vad", "stt", "tts", "llm", "main-app"]
+
+
+@pytest.mark.parametrize("name", SERVICES)
+async def test_ops_endpoints_and_error_format(start_service, name: str) -> None:
+    svc = start_service(name)
+    async with httpx.AsyncClient(timeout=30) as http:
+        health = await http.get(f"{svc.url}/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        info = (await http.get(f"{svc.url}/info")).json()
+        assert info["service"] == name and info["ready"] is True and "version" in info and "device" in info
+        metrics = await http.get(f"{svc.url}/metrics")
+        assert metrics.status_code == 200 and "http_requests_total" in metrics.text
+        assert metrics.headers["content-type"].startswith("text/plain")
+
+        missing = await http.get(f"{svc.url}/no/such/route")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "not_found" and missing.json()["error"]["message"]
+        assert missing.headers["x-request-id"]
+
+        big = b"x" * (26 * 1024 * 1024)  # over the default 25 MB
+        r = await http.post(f"{svc.url}/no/such/route", content=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+        async def chunked():  # no Content-Length: the limit is enforced while reading
+            for _ in range(27):
+                yield b"x" * (1024 * 1024)
+
+        r = await http.post(f"{svc.url}/no/such/route", content=chunked())
+        assert r.status_code in (404, 413)  # an unknown route may answer before reading the body
+        assert "error" in r.json()
+
+        wrong_method = await http.delete(f"{svc.url}/healthz")
+        assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_oversized_upload_on_a_real_route(start_service) -> None:
+    stt = start_service("stt", STT_MAX_BODY_MB="1")
+    clip = librivox_clips()[0]
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{stt.url}/transcribe", files={"file": ("a.wav", clip.data * 8)})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        r = await http.post(f"{stt.url}/transcribe", files={"file": ("a.wav", clip.data)})
+        assert r.status_code == 200
+
+
+async def test_api_key(start_service) -> None:
+    vad = start_service("vad", VAD_API_KEY="s3cret")
+    async with httpx.AsyncClient(timeout=30) as http:
+        assert (await http.get(f"{vad.url}/healthz")).status_code == 200  # stays open for probes
+        denied = await http.get(f"{vad.url}/info")
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
+        assert (await http.get(f"{vad.url}/info", headers={"Authorization": "Bearer wrong"})).status_code == 401
+        assert (await http.get(f"{vad.url}/info", headers={"Authorization": "Bearer s3cret"})).status_code == 200
+        assert (await http.get(f"{vad.url}/info", headers={"X-API-Key": "s3cret"})).status_code == 200
+    ws_url = vad.url.replace("http", "ws") + "/ws"
+    with pytest.raises(InvalidStatus):
+        async with websockets.connect(ws_url):
+            pass
+    async with websockets.connect(ws_url, additional_headers={"X-API-Key": "s3cret"}) as ws:
+        await ws.send(json.dumps({"type": "start"}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+    async with websockets.connect(ws_url + "?api_key=s3cret") as ws:
+        await ws.send(json.dumps({"type": "start"}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+
+
+async def test_health_is_503_with_a_reason_until_the_model_loads(start_service, tmp_path) -> None:
+    from voice_common.launcher import SERVICES as SPECS
+    from voice_common.launcher import ServiceProcess, health
+
+    from .helpers import free_port
+
+    spec = next(s for s in SPECS if s.name == "stt")
+    proc = ServiceProcess(spec, free_port(), env={"STT_MODEL_PATH": str(tmp_path / "missing")}).start()
+    try:
+        import asyncio
+
+        for _ in range(100):
+            if health(f"{proc.url}/healthz") == 503:
+                break
+            await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(timeout=30) as http:
+            for _ in range(100):
+                body = (await http.get(f"{proc.url}/healthz")).json()
+                if "failed" in body.get("reason", ""):
+                    break
+                await asyncio.sleep(0.1)
+            assert body["status"] == "unavailable" and "model failed to load" in body["reason"]
+            r = await http.post(f"{proc.url}/transcribe", files={"file": ("a.wav", librivox_clips()[1].data)})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+            assert r.headers["retry-after"]
+    finally:
+        proc.stop()
