@@ -46,4 +46,5 @@ def test_trim_history_keeps_system_and_latest() -> None:
     assert trimmed[0].role == "system" and trimmed[-1] == msgs[-1]
     assert sum(estimate_tokens(m.content) for m in trimmed) <= 600
     assert trimmed[1].role == "user"
-    assert trim_history(msgs[:1] + [msgs[-1]], 1) == msgs[:1] + [msgs[-1]]  # the last message always stays
+    pair = [msgs[0], msgs[-1]]
+    assert trim_history(pair, 1) == pair  # the last message always stays

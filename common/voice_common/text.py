@@ -104,7 +104,7 @@ class SentenceSplitter:
             if cuts and (self.emitted == 0 or len(self.buf) >= self.max_chars):
                 piece, self.buf = self.buf[: cuts[0]], self.buf[cuts[0] :]
                 return self._emit(piece) or None
-            if len(self.buf) >= self.max_chars * 2:  # no punctuation at all: cut at a space
+            if len(self.buf) >= self.max_chars * (1 if final else 2):  # no punctuation at all: cut at a space
                 cut = self.buf.rfind(" ", 0, self.max_chars) + 1 or self.max_chars
                 piece, self.buf = self.buf[:cut], self.buf[cut:]
                 return self._emit(piece) or None
