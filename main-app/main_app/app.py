@@ -94,6 +94,17 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
             return cid
         return await ctx().store.create()
 
+    @app.get("/voices")
+    async def voices() -> Any:
+        """The TTS service's voices, for the page's voice picker."""
+        try:
+            r = await http.get(settings.tts_url + "/voices", timeout=5)
+        except httpx.HTTPError as exc:
+            raise ApiError(503, "tts_unavailable", f"cannot reach the TTS service: {exc}") from None
+        if r.status_code != 200:
+            raise ApiError(503, "tts_unavailable", "the TTS service is not ready")
+        return r.json()
+
     @app.get("/conversations")
     async def list_conversations() -> dict[str, Any]:
         return {"conversations": await ctx().store.list()}
