@@ -39,7 +39,12 @@ async def connect(settings: AppSettings, service: str) -> ClientConnection:
     url = settings.ws_url(service_url(settings, service))
     try:
         return await websockets.connect(
-            url, open_timeout=settings.connect_timeout_s, max_size=4 * 1024 * 1024, ping_interval=20, ping_timeout=20
+            url,
+            open_timeout=settings.connect_timeout_s,
+            close_timeout=1.0,
+            max_size=4 * 1024 * 1024,
+            ping_interval=20,
+            ping_timeout=20,
         )
     except (OSError, TimeoutError, WebSocketException) as exc:
         raise ServiceError(service, "service_unavailable", f"cannot connect to the {service} service: {exc}") from None

@@ -61,6 +61,7 @@ def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None =
             settings.length_scale,
             settings.noise_scale,
             settings.noise_w_scale,
+            settings.device,
         ),
         engine=engine,
         info=lambda e: {
@@ -68,7 +69,7 @@ def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None =
             "voices": list(getattr(e, "voices", {})),
             "default_voice": getattr(e, "default_voice", settings.default_voice),
             "audio_format": {"rate": settings.sample_rate or "voice", "width": 2, "channels": 1},
-            "device": "cpu",
+            "device": settings.device,
         },
     )
     synth_seconds = Histogram("tts_synthesis_seconds", "time to synthesize one sentence", registry=app.state.registry)

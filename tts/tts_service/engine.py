@@ -64,6 +64,7 @@ class PiperEngine:
         length_scale: float,
         noise_scale: float | None,
         noise_w_scale: float | None,
+        device: str = "cpu",
     ) -> None:
         self.voices_dir = voices_dir
         self.voices = {v.name: v for v in (_voice_info(p) for p in sorted(voices_dir.glob("*.onnx.json")))}
@@ -74,6 +75,9 @@ class PiperEngine:
         self.length_scale = length_scale
         self.noise_scale = noise_scale
         self.noise_w_scale = noise_w_scale
+        self.providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        )
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._load(self.default_voice)
@@ -90,7 +94,7 @@ class PiperEngine:
                 opts.inter_op_num_threads = 1
                 model = self.voices_dir / f"{name}.onnx"
                 config = json.loads((self.voices_dir / f"{name}.onnx.json").read_text())
-                session = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(str(model), sess_options=opts, providers=self.providers)
                 self._loaded[name] = PiperVoice(config=PiperConfig.from_dict(config), session=session)
             return self._loaded[name]
 

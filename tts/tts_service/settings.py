@@ -20,6 +20,7 @@ class TtsSettings(ServiceSettings):
     noise_scale: float | None = None
     noise_w_scale: float | None = None
     threads: int = 1
+    device: str = Field("cpu", description="cpu, or cuda (needs onnxruntime-gpu in the image)")
     max_chars: int = 4096
     chunk_ms: int = Field(40, description="PCM frame size on the WebSocket")
     max_streams: int = 32
