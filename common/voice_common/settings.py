@@ -18,7 +18,7 @@ def default_models_dir() -> Path:
 class ServiceSettings(BaseSettings):
     """Fields every service has. Subclasses set `env_prefix` and their default port."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True, populate_by_name=True)
 
     host: str = "0.0.0.0"
     port: int = 8000

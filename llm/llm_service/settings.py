@@ -10,7 +10,7 @@ from voice_common.settings import ServiceSettings
 
 
 class LlmSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LLM_", env_file=".env", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="LLM_")
 
     port: int = 3004
     backend: Literal["embedded", "ollama", "openai"] = "embedded"

@@ -8,7 +8,7 @@ from voice_common.settings import REPO_ROOT, ServiceSettings
 
 
 class AppSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="APP_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="APP_")
 
     port: int = 8000
     vad_url: str = "http://127.0.0.1:3001"

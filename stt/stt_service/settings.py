@@ -8,7 +8,7 @@ from voice_common.settings import ServiceSettings
 
 
 class SttSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="STT_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="STT_")
 
     port: int = 3002
     model: str = Field(

@@ -8,7 +8,7 @@ from voice_common.settings import ServiceSettings
 
 
 class TtsSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="TTS_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TTS_")
 
     port: int = 3003
     voices_dir: Path | None = Field(

@@ -8,7 +8,7 @@ from voice_common.settings import ServiceSettings
 
 
 class VadSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="VAD_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="VAD_")
 
     port: int = 3001
     model_path: Path | None = Field(None, description="silero_vad.onnx; default <models_dir>/vad/silero_vad.onnx")
