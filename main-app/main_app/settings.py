@@ -24,7 +24,7 @@ class AppSettings(ServiceSettings):
     history_tokens: int = 1500
     max_reply_tokens: int = 200
     temperature: float = 0.6
-    end_of_turn_silence_ms: int = Field(350, description="VAD silence that ends the user's turn")
+    end_of_turn_silence_ms: int = Field(300, description="VAD silence that ends the user's turn")
     vad_threshold: float = 0.5
     vad_threshold_speaking: float = Field(0.85, description="echo guard: VAD threshold while the assistant speaks")
     preroll_ms: int = 600

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 SERVICE = "stt"
 SILENT_RMS = 0.01  # -40 dBFS: a tail this quiet adds no words
-EAGER_SILENCE_MS = 120
+EAGER_SILENCE_MS = 60
 
 
 @dataclass
@@ -144,8 +144,9 @@ async def serve_stream(
             hyp = await decode(u, engine, "interim")
         except ApiError:
             return None
-        u.hypothesis = hyp
-        if not u.closed:
+        if u.hypothesis is None or hyp.covered >= u.hypothesis.covered:
+            u.hypothesis = hyp
+        if u.interim and not u.closed:
             await send_event(
                 socket, Interim(utterance=u.id, text=u.text(hyp.segments), audio_ms=round(hyp.covered / 16))
             )
@@ -156,9 +157,8 @@ async def serve_stream(
         u.closed = True
         hyp = None
         if u.decoding is not None and not u.decoding.done():
-            running = await u.decoding  # already under way: usually covers all but the hangover
-            hyp = running if running is not None and u.silent_after(running.covered) else None
-        elif u.hypothesis is not None and u.silent_after(u.hypothesis.covered):
+            await u.decoding  # the latest decode is under way: it usually covers all but the hangover
+        if u.hypothesis is not None and u.silent_after(u.hypothesis.covered):
             hyp = u.hypothesis
         if hyp is None:
             hyp = await decode(u, engine, "final")
@@ -192,9 +192,10 @@ async def serve_stream(
             if before < EAGER_SILENCE_MS <= u.quiet_ms:
                 u.eager_pending = True
         now = time.monotonic()
-        due = now - u.last_decode >= settings.interim_interval_ms / 1000 or u.eager_pending
         idle = u.decoding is None or u.decoding.done()
-        if u.interim and idle and due and u.total - u.offset >= RATE // 4 and limiter.free_now():
+        regular = u.interim and idle and now - u.last_decode >= settings.interim_interval_ms / 1000
+        # the eager decode does not wait for a running interim: it is the one the final will likely reuse
+        if (regular or u.eager_pending) and u.total - u.offset >= RATE // 4 and limiter.free_now():
             u.last_decode, u.eager_pending = now, False
             u.decoding = asyncio.create_task(interim(u, app.state.slot.get()))
 

@@ -1,0 +1,75 @@
+"""STT benchmark: real-time factor per model on the LibriVox clips, and for the WebSocket path the time
+from `stop` to the final transcript for 2, 5 and 10 s utterances streamed in real time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+from _bench import REPO_ROOT, median, say, services
+from stt_service.engine import FasterWhisper
+from voice_common.audio import float32_to_pcm16, load_mono
+
+from tests.helpers import corpus_wer, librivox_clips, silence
+
+
+def rtf(model: str) -> tuple[float, float, float]:
+    engine = FasterWhisper(REPO_ROOT / "models" / "stt" / model, "cpu", "int8", 2, 1, False, 1)
+    clips = librivox_clips()
+    audio = [load_mono(c.data, 16000)[0] for c in clips]
+    engine.transcribe(audio[1], language="en")  # warm up
+    t0 = time.perf_counter()
+    pairs = [(c.text, engine.transcribe(a, language="en").text) for c, a in zip(clips, audio, strict=True)]
+    seconds = time.perf_counter() - t0
+    duration = sum(len(a) for a in audio) / 16000
+    return seconds / duration, duration, corpus_wer(pairs)
+
+
+async def stop_to_final(url: str, pcm: bytes) -> float:
+    import websockets
+
+    async with websockets.connect(url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "start"}))
+        await ws.recv()
+
+        async def drain() -> float:
+            while True:
+                ev = json.loads(await ws.recv())
+                if ev["type"] == "final":
+                    return time.perf_counter()
+
+        reader = asyncio.create_task(drain())
+        t0 = time.perf_counter()
+        for i in range(0, len(pcm), 640):  # 20 ms frames in real time, like main-app forwards the mic
+            await ws.send(pcm[i : i + 640])
+            await asyncio.sleep(max(0.0, t0 + (i + 640) / 32000 - time.perf_counter()))
+        stop = time.perf_counter()
+        await ws.send(json.dumps({"type": "stop"}))
+        return (await reader - stop) * 1000
+
+
+def utterance(seconds: float) -> bytes:
+    """Real speech of about `seconds`, then the ~330 ms of silence main-app's VAD hangover adds."""
+    speech = np.concatenate([load_mono(c.data, 16000)[0] for c in librivox_clips()])[: int(seconds * 16000)]
+    return float32_to_pcm16(np.concatenate([speech, silence(330)]))
+
+
+def main() -> None:
+    say("STT benchmark (faster-whisper 1.2.1, int8, 2 threads, beam 1)")
+    for model in ("whisper-tiny.en", "whisper-base"):
+        factor, duration, error = rtf(model)
+        say(f"  {model:16s} RTF {factor:.3f} ({duration:.1f} s of LibriVox speech, WER {error:.1%})")
+    with services("stt") as procs:
+        url = procs["stt"].url
+        for seconds in (2, 5, 10):
+            runs = [asyncio.run(stop_to_final(url, utterance(seconds))) for _ in range(3)]
+            say(
+                f"  WebSocket stop -> final, {seconds:2d} s utterance: median {median(runs):.0f} ms "
+                f"(runs: {', '.join(f'{r:.0f}' for r in runs)})"
+            )
+
+
+if __name__ == "__main__":
+    main()
