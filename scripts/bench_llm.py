@@ -53,9 +53,8 @@ def main() -> None:
         results = [asyncio.run(one(url, q)) for q in QUESTIONS]
     for q, (ttft, tps, n) in zip(QUESTIONS, results, strict=True):
         say(f"  {q[:42]:42s} first token {ttft:4.0f} ms, {tps:5.1f} tokens/s ({n} tokens)")
-    say(
-        f"  median: first token {median([r[0] for r in results]):.0f} ms, {median([r[1] for r in results]):.1f} tokens/s"
-    )
+    ttft, tps = median([r[0] for r in results]), median([r[1] for r in results])
+    say(f"  median: first token {ttft:.0f} ms, {tps:.1f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -130,8 +130,9 @@ class SentenceSplitter:
                 cut = self.buf.rfind(" ", 0, self.max_chars) + 1 or self.max_chars
                 piece, self.buf = self.buf[:cut], self.buf[cut:]
                 return self._emit(piece) or None
-        if self.eager and self.emitted == 0 and not final and (cut := _first_fragment_cut(self.buf, self.first_words)):
-            piece, self.buf = self.buf[:cut], self.buf[cut:]
+        first_cut = _first_fragment_cut(self.buf, self.first_words) if self.eager and not self.emitted else None
+        if first_cut and not final:
+            piece, self.buf = self.buf[:first_cut], self.buf[first_cut:]
             return self._emit(piece) or None
         return None
 
