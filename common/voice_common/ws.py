@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
 from fastapi import WebSocket
+from pydantic import TypeAdapter
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from .protocol import ErrorEvent, Event
+from .protocol import ErrorEvent, Event, ProtocolError, parse_event
+
+E = TypeVar("E")
 
 
 async def receive_frame(ws: WebSocket) -> str | bytes | None:
@@ -34,3 +40,16 @@ async def send_event(ws: WebSocket, event: Event) -> bool:
 
 async def send_error(ws: WebSocket, code: str, message: str, service: str | None = None, fatal: bool = False) -> bool:
     return await send_event(ws, ErrorEvent(code=code, message=message, service=service, fatal=fatal))
+
+
+async def frames(ws: WebSocket, adapter: TypeAdapter[E], service: str) -> AsyncIterator[bytes | E]:
+    """A connection's frames until the peer goes away: binary frames as bytes, text frames as typed
+    events. A text frame that is not a valid event is answered with an error event and skipped."""
+    while (frame := await receive_frame(ws)) is not None:
+        if isinstance(frame, bytes):
+            yield frame
+            continue
+        try:
+            yield parse_event(adapter, frame)
+        except ProtocolError as exc:
+            await send_error(ws, exc.code, exc.message, service)

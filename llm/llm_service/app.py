@@ -25,12 +25,10 @@ from voice_common.protocol import (
     GenerateRequest,
     LlmDone,
     LlmRequest,
-    ProtocolError,
     Token,
     llm_client_events,
-    parse_event,
 )
-from voice_common.ws import receive_frame, send_error, send_event
+from voice_common.ws import frames, send_error, send_event
 
 from .backends import Backend, EmbeddedBackend, OllamaBackend, OpenAIBackend
 from .generation import generate
@@ -86,6 +84,17 @@ class OpenAIChatRequest(BaseModel):
             model=self.model,
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
         )
+
+
+async def collect(events: AsyncIterator[Token | LlmDone]) -> tuple[str, LlmDone]:
+    """A whole reply, for the non-streaming APIs."""
+    parts: list[str] = []
+    async for event in events:
+        if isinstance(event, Token):
+            parts.append(event.text)
+        else:
+            return "".join(parts), event
+    raise ApiError(500, "incomplete_generation", "the generation ended without a done event")
 
 
 def sse(data: Any) -> str:
@@ -147,15 +156,9 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
     @app.post("/generate")
     async def generate_endpoint(req: GenerateRequest, backend: Engine) -> Any:
         if not req.stream:
-            text, done = [], None
-            async for event in run(backend, req):
-                if isinstance(event, Token):
-                    text.append(event.text)
-                else:
-                    done = event
-            assert done is not None
+            text, done = await collect(run(backend, req))
             return {
-                "response": "".join(text),
+                "response": text,
                 "model": done.model,
                 "usage": done.usage.model_dump(),
                 "timings": done.timings.model_dump(),
@@ -183,13 +186,7 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         model = req.model or backend.model
         if not body.stream:
-            text, done = [], None
-            async for event in run(backend, req):
-                if isinstance(event, Token):
-                    text.append(event.text)
-                else:
-                    done = event
-            assert done is not None
+            text, done = await collect(run(backend, req))
             u = done.usage
             return {
                 "id": cid,
@@ -199,7 +196,7 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": "".join(text)},
+                        "message": {"role": "assistant", "content": text},
                         "finish_reason": done.finish_reason if done.finish_reason != "cancelled" else "stop",
                     }
                 ],
@@ -273,14 +270,9 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
                 await send_error(socket, exc.code, exc.message, SERVICE)
 
         try:
-            while (frame := await receive_frame(socket)) is not None:
-                if isinstance(frame, bytes):
+            async for event in frames(socket, llm_client_events, SERVICE):
+                if isinstance(event, bytes):
                     await send_error(socket, "unexpected_binary", "this socket takes JSON events only", SERVICE)
-                    continue
-                try:
-                    event = parse_event(llm_client_events, frame)
-                except ProtocolError as exc:
-                    await send_error(socket, exc.code, exc.message, SERVICE)
                     continue
                 if isinstance(event, Cancel):
                     if current is not None and not current.done():

@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,6 @@ from voice_common.protocol import (
     Interrupt,
     Interrupted,
     Playback,
-    ProtocolError,
     ReplyAudioStart,
     ReplyDelta,
     ReplyDone,
@@ -48,10 +48,9 @@ from voice_common.protocol import (
     VadConfigure,
     VadStart,
     browser_events,
-    parse_event,
 )
 from voice_common.tasks import run_until_first_done
-from voice_common.ws import receive_frame, send_event
+from voice_common.ws import frames, send_event
 from websockets.asyncio.client import ClientConnection
 
 from .downstream import CONNECTION_ERRORS, ServiceError, connect, hang_up, llm_tokens
@@ -173,16 +172,10 @@ class Session:
     # --- browser ----------------------------------------------------------------------------------
 
     async def browser_loop(self) -> None:
-        while (frame := await receive_frame(self.socket)) is not None:
-            if isinstance(frame, bytes):
-                await self.on_audio(frame)
-                continue
-            try:
-                event = parse_event(browser_events, frame)
-            except ProtocolError as exc:
-                await self.error("main-app", exc.code, exc.message)
-                continue
-            if isinstance(event, UserText):
+        async for event in frames(self.socket, browser_events, "main-app"):
+            if isinstance(event, bytes):
+                await self.on_audio(event)
+            elif isinstance(event, UserText):
                 await self.start_turn(event.text, "text", time.monotonic())
             elif isinstance(event, Interrupt):
                 await self.interrupt()
@@ -222,31 +215,46 @@ class Session:
     # --- VAD --------------------------------------------------------------------------------------
 
     async def vad_loop(self) -> None:
+        async def opened(ws: ClientConnection) -> None:
+            start = VadStart(
+                format=self.fmt, threshold=self.vad_threshold(), min_silence_ms=self.settings.end_of_turn_silence_ms
+            )
+            await ws.send(start.dump())
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                json.loads(await ws.recv())
+            self.vad_offset_ms, self.vad = self.received_ms, ws
+
+        def closed() -> None:
+            self.vad = None
+
+        await self.keep_linked("vad", "voice detection", opened, closed, self.on_vad_event)
+
+    async def keep_linked(
+        self,
+        service: str,
+        what: str,
+        opened: Callable[[ClientConnection], Awaitable[None]],
+        closed: Callable[[], None],
+        handle: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        """Hold a session-long socket to `service`; when it drops, tell the client and reconnect with
+        backoff until the service is back. Voice input pauses meanwhile; typing keeps working."""
         backoff = 0.5
         while True:
             try:
-                ws = await connect(self.settings, "vad")
+                ws = await connect(self.settings, service)
                 try:
-                    await ws.send(
-                        VadStart(
-                            format=self.fmt,
-                            threshold=self.vad_threshold(),
-                            min_silence_ms=self.settings.end_of_turn_silence_ms,
-                        ).dump()
-                    )
-                    async with asyncio.timeout(self.settings.connect_timeout_s):
-                        json.loads(await ws.recv())
-                    self.vad_offset_ms, self.vad = self.received_ms, ws
-                    await self.service_up("vad")
+                    await opened(ws)
+                    await self.service_up(service)
                     backoff = 0.5
                     async for raw in ws:
-                        await self.on_vad_event(json.loads(raw))
+                        await handle(json.loads(raw))
                 finally:
-                    self.vad = None
+                    closed()
                     await ws.close()
-                raise ServiceError("vad", "service_unavailable", "the voice detection service closed the stream")
+                raise ServiceError(service, "service_unavailable", f"the {what} service closed the stream")
             except (ServiceError, *CONNECTION_ERRORS) as exc:
-                await self.service_down("vad", f"voice detection unavailable ({exc}); typing still works")
+                await self.service_down(service, f"{what} unavailable ({exc}); typing still works")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
@@ -275,25 +283,13 @@ class Session:
     # --- STT --------------------------------------------------------------------------------------
 
     async def stt_loop(self) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                ws = await connect(self.settings, "stt")
-                self.stt = ws
-                await self.service_up("stt")
-                backoff = 0.5
-                try:
-                    async for raw in ws:
-                        await self.on_stt_event(json.loads(raw))
-                finally:
-                    self.stt = None
-                    self.in_utterance = False
-                    await ws.close()
-                raise ServiceError("stt", "service_unavailable", "the speech recognition service closed the stream")
-            except (ServiceError, *CONNECTION_ERRORS) as exc:
-                await self.service_down("stt", f"speech recognition unavailable ({exc}); typing still works")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        async def opened(ws: ClientConnection) -> None:
+            self.stt = ws
+
+        def closed() -> None:
+            self.stt, self.in_utterance = None, False
+
+        await self.keep_linked("stt", "speech recognition", opened, closed, self.on_stt_event)
 
     async def begin_utterance(self, t_ms: float) -> None:
         if self.stt is None:

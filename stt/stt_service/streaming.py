@@ -31,14 +31,12 @@ from voice_common.protocol import (
     Cancelled,
     Final,
     Interim,
-    ProtocolError,
     Ready,
     Segment,
     SttStart,
-    parse_event,
     stt_client_events,
 )
-from voice_common.ws import receive_frame, send_error, send_event
+from voice_common.ws import frames, send_error, send_event
 
 from .engine import RATE, Seg, Transcriber, check_language
 
@@ -200,19 +198,13 @@ async def serve_stream(
             u.decoding = asyncio.create_task(interim(u, app.state.slot.get()))
 
     try:
-        while (frame := await receive_frame(socket)) is not None:
-            if isinstance(frame, bytes):
+        async for event in frames(socket, stt_client_events, SERVICE):
+            if isinstance(event, bytes):
                 if utt is None:
                     await send_error(socket, "no_utterance", "send a start event before audio frames", SERVICE)
                 else:
-                    await on_audio(utt, frame)
-                continue
-            try:
-                event = parse_event(stt_client_events, frame)
-            except ProtocolError as exc:
-                await send_error(socket, exc.code, exc.message, SERVICE)
-                continue
-            if isinstance(event, SttStart):
+                    await on_audio(utt, event)
+            elif isinstance(event, SttStart):
                 try:
                     engine: Transcriber = app.state.slot.get()
                     event.format.check()

@@ -20,18 +20,16 @@ from voice_common.protocol import (
     Cancelled,
     Done,
     Flush,
-    ProtocolError,
     SentenceEnd,
     SentenceStart,
     Stop,
     TtsStart,
     TtsText,
-    parse_event,
     tts_client_events,
 )
 from voice_common.tasks import run_until_first_done
 from voice_common.text import SentenceSplitter
-from voice_common.ws import receive_frame, send_error, send_event
+from voice_common.ws import frames, send_error, send_event
 
 from .engine import Synthesizer
 from .settings import TtsSettings
@@ -96,14 +94,9 @@ async def serve_stream(socket: WebSocket, app: FastAPI, settings: TtsSettings) -
 
     async def reader(engine: Synthesizer) -> None:
         nonlocal generation
-        while (frame := await receive_frame(socket)) is not None:
-            if isinstance(frame, bytes):
+        async for event in frames(socket, tts_client_events, SERVICE):
+            if isinstance(event, bytes):
                 await send_error(socket, "unexpected_audio", "this socket takes text events only", SERVICE)
-                continue
-            try:
-                event = parse_event(tts_client_events, frame)
-            except ProtocolError as exc:
-                await send_error(socket, exc.code, exc.message, SERVICE)
                 continue
             stream = state["stream"]
             if isinstance(event, TtsStart):

@@ -14,15 +14,13 @@ from voice_common.audio import AudioError, AudioFormat, StreamResampler, load_mo
 from voice_common.errors import ApiError
 from voice_common.protocol import (
     Done,
-    ProtocolError,
     Ready,
     Stop,
     VadConfigure,
     VadStart,
-    parse_event,
     vad_client_events,
 )
-from voice_common.ws import receive_frame, send_error, send_event
+from voice_common.ws import frames, send_error, send_event
 
 from .engine import SileroOnnx, VadEngine
 from .segmenter import Segmenter, SegmenterConfig
@@ -170,27 +168,20 @@ async def _serve_stream(socket: WebSocket, engine: VadEngine, settings: VadSetti
     seg: Segmenter | None = None
     fmt = AudioFormat()
     resampler = StreamResampler(16000, 16000)
-    while (frame := await receive_frame(socket)) is not None:
-        if isinstance(frame, bytes):
+    async for event in frames(socket, vad_client_events, SERVICE):
+        if isinstance(event, bytes):
             if seg is None:
                 await send_error(socket, "no_stream", "send a start event before audio frames", SERVICE)
                 continue
             try:
-                samples = resampler(pcm_to_mono_float(frame, fmt))
+                samples = resampler(pcm_to_mono_float(event, fmt))
             except AudioError as exc:
                 await send_error(socket, "invalid_audio", str(exc), SERVICE)
                 continue
-            events = await asyncio.to_thread(seg.feed, samples)
+            for detected in await asyncio.to_thread(seg.feed, samples):
+                await send_event(socket, detected)
             windows.inc(len(samples) // engine.window)
-            for event in events:
-                await send_event(socket, event)
-            continue
-        try:
-            event = parse_event(vad_client_events, frame)
-        except ProtocolError as exc:
-            await send_error(socket, exc.code, exc.message, SERVICE)
-            continue
-        if isinstance(event, VadStart):
+        elif isinstance(event, VadStart):
             try:
                 event.format.check()
             except AudioError as exc:
