@@ -246,3 +246,30 @@ async def test_browser_rate_is_resampled(stack, rate) -> None:
     finally:
         await client.close()
     assert wer(clip.text, final.event["text"]) < 0.2
+
+
+async def test_browser_going_away_closes_every_downstream_stream(stack) -> None:
+    import re
+
+    async def llm_tokens_so_far() -> float:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"{stack.services['llm'].url}/metrics")).text
+        return float(re.search(r"^llm_backend_tokens (\S+)", text, re.M).group(1))  # type: ignore[union-attr]
+
+    async def open_streams(service: str) -> float:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"{stack.services[service].url}/metrics")).text
+        match = re.search(r"^vad_streams (\S+)", text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    client = VoiceClient(stack.ws)
+    await client.connect()
+    await client.send({"type": "text", "text": "Tell me a very long story about the sea, at least ten sentences."})
+    await client.wait_for("reply_delta", 60)
+    assert await open_streams("vad") >= 1
+    await client.close()  # mid-reply
+    await asyncio.sleep(1.0)
+    stopped = await llm_tokens_so_far()
+    await asyncio.sleep(1.5)
+    assert await llm_tokens_so_far() == stopped  # generation stopped with the session
+    assert await open_streams("vad") == 0
