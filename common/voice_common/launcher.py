@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.logs.mkdir(parents=True, exist_ok=True)
     wanted = set(args.only.split(",")) if args.only else None
+    ports = {s.name: int(os.environ.get(f"{s.env_prefix}PORT", s.port)) for s in SERVICES}
+    # main-app finds the others where they were started, unless APP_<X>_URL says otherwise
+    urls = {f"APP_{n.upper()}_URL": f"http://127.0.0.1:{p}" for n, p in ports.items() if n != "main-app"}
+    urls = {k: v for k, v in urls.items() if k not in os.environ}
     procs = [
-        ServiceProcess(s, int(os.environ.get(f"{s.env_prefix}PORT", s.port)), log_path=args.logs / f"{s.name}.log")
+        ServiceProcess(s, ports[s.name], env=urls if s.name == "main-app" else {}, log_path=args.logs / f"{s.name}.log")
         for s in SERVICES
         if wanted is None or s.name in wanted
     ]
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             p.wait_healthy()
             print(f"  {p.spec.name:9s} healthy on {p.url} ({time.monotonic() - t0:.1f} s)", flush=True)
         print(
-            "\nAll services are up. Open http://localhost:8000 in your browser. Ctrl-C stops everything.\n", flush=True
+            f"\nAll services are up. Open http://localhost:{ports['main-app']} in your browser. Ctrl-C stops everything.\n",
+            flush=True,
         )
         while all(p.proc is not None and p.proc.poll() is None for p in procs):
             time.sleep(0.5)
