@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             p.wait_healthy()
             print(f"  {p.spec.name:9s} healthy on {p.url} ({time.monotonic() - t0:.1f} s)", flush=True)
         print(
-            f"\nAll services are up. Open http://localhost:{ports['main-app']} in your browser. Ctrl-C stops everything.\n",
+            f"\nAll services are up. Open http://localhost:{ports['main-app']} in your browser."
+            " Ctrl-C stops everything.\n",
             flush=True,
         )
         while all(p.proc is not None and p.proc.poll() is None for p in procs):
