@@ -128,6 +128,9 @@ async def serve_stream(
                 engine.transcribe, audio, language=u.language, prompt=u.prompt_text(), temperature=0.0
             )
         decode_seconds.labels(kind).observe(r.processing_ms / 1000)
+        logger.debug(
+            "utterance %d: %s decode of %.0f ms audio took %.0f ms", u.id, kind, len(audio) / 16, r.processing_ms
+        )
         segments = _segments(r.segments, offset)
         length = len(audio) / RATE
         if kind == "interim" and length >= settings.commit_after_s and len(r.segments) >= 2 and offset == u.offset:
@@ -159,7 +162,15 @@ async def serve_stream(
         if u.hypothesis is not None and u.silent_after(u.hypothesis.covered):
             hyp = u.hypothesis
         if hyp is None:
+            logger.debug(
+                "utterance %d: final decode needed (hypothesis up to %s of %d samples)",
+                u.id,
+                u.hypothesis.covered if u.hypothesis else None,
+                u.total,
+            )
             hyp = await decode(u, engine, "final")
+        else:
+            logger.debug("utterance %d: reused the decode up to %d of %d samples", u.id, hyp.covered, u.total)
         await send_event(
             socket,
             Final(
@@ -194,6 +205,8 @@ async def serve_stream(
         regular = u.interim and idle and now - u.last_decode >= settings.interim_interval_ms / 1000
         # the eager decode does not wait for a running interim: it is the one the final will likely reuse
         if (regular or u.eager_pending) and u.total - u.offset >= RATE // 4 and limiter.free_now():
+            if u.eager_pending:
+                logger.debug("utterance %d: eager decode at %.0f ms (quiet %.0f ms)", u.id, u.total / 16, u.quiet_ms)
             u.last_decode, u.eager_pending = now, False
             u.decoding = asyncio.create_task(interim(u, app.state.slot.get()))
 
