@@ -28,7 +28,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def stack(start_service, tmp_path_factory):
     services = {name: start_service(name) for name in ("vad", "stt", "tts", "llm")}
     env = {f"APP_{name.upper()}_URL": proc.url for name, proc in services.items()}
-    return start_service("main-app", APP_DATA_DIR=str(tmp_path_factory.mktemp("web-data")), **env)
+    return start_service("main-app", APP_DATA_DIR=str(tmp_path_factory.mktemp("web-data")), APP_TEMPERATURE="0", **env)
 
 
 @pytest.fixture(scope="module")

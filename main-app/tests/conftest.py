@@ -27,7 +27,10 @@ def make_stack(start_service: Callable[..., ServiceProcess], data_dir: Path, tag
     """`tag` gives a stack its own service processes (so one test may kill them)."""
     services = {name: start_service(name, STACK=tag) for name in ("vad", "stt", "tts", "llm")}
     env = {f"APP_{name.upper()}_URL": proc.url for name, proc in services.items()}
-    services["main-app"] = start_service("main-app", APP_DATA_DIR=str(data_dir / tag), STACK=tag, **env)
+    # greedy decoding: the tests check facts in replies ("Paris"), so keep them reproducible
+    services["main-app"] = start_service(
+        "main-app", APP_DATA_DIR=str(data_dir / tag), APP_TEMPERATURE="0", STACK=tag, **env
+    )
     return Stack(services)
 
 
