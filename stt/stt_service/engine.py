@@ -55,7 +55,10 @@ class Transcriber(Protocol):
         prompt: str | None = None,
         temperature: float | None = None,
         word_timestamps: bool = False,
-    ) -> Transcript: ...
+        timestamps: bool = True,
+    ) -> Transcript:
+        """`timestamps=False` skips Whisper's timestamp tokens (~15% faster); segments then span the audio."""
+        ...
 
 
 class FasterWhisper:
@@ -87,6 +90,7 @@ class FasterWhisper:
         prompt: str | None = None,
         temperature: float | None = None,
         word_timestamps: bool = False,
+        timestamps: bool = True,
     ) -> Transcript:
         t0 = time.perf_counter()
         if not self.multilingual:
@@ -98,6 +102,7 @@ class FasterWhisper:
             beam_size=self.beam_size,
             temperature=temperature if temperature is not None else [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
             word_timestamps=word_timestamps,
+            without_timestamps=not timestamps and not word_timestamps,
             vad_filter=self.vad_filter,
             condition_on_previous_text=False,
         )

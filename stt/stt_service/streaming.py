@@ -123,9 +123,16 @@ async def serve_stream(
 
     async def decode(u: Utterance, engine: Transcriber, kind: str) -> Hypothesis:
         audio, offset = u.audio().copy(), u.offset
+        # timestamps are only needed to commit segments of long utterances; short ones decode faster without
+        timestamps = len(audio) / RATE >= settings.commit_after_s
         async with limiter.slot():
             r = await asyncio.to_thread(
-                engine.transcribe, audio, language=u.language, prompt=u.prompt_text(), temperature=0.0
+                engine.transcribe,
+                audio,
+                language=u.language,
+                prompt=u.prompt_text(),
+                temperature=0.0,
+                timestamps=timestamps,
             )
         decode_seconds.labels(kind).observe(r.processing_ms / 1000)
         logger.debug(
