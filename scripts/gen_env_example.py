@@ -53,14 +53,6 @@ def render_default(value: Any) -> str:
     return f'"{text}"' if any(c in text for c in " #'\"") else text
 
 
-def settings_vars() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for _, cls in SECTIONS:
-        for field in cls.model_fields:
-            out[env_name(cls, field)] = render_default(cls.model_fields[field].default)
-    return out
-
-
 def render() -> str:
     lines = [
         "# Every setting of every service, with the defaults the code uses. Copy to .env and edit.",

@@ -32,9 +32,6 @@ class AudioFormat(BaseModel):
     def frame_bytes(self) -> int:
         return self.width * self.channels
 
-    def ms_to_bytes(self, ms: float) -> int:
-        return int(self.rate * ms / 1000) * self.frame_bytes
-
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Decode any container soundfile reads (WAV, FLAC, OGG, ...) to float32 (frames, channels)."""

@@ -36,7 +36,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
 )
 
 
-def health(url: str, timeout: float = 2.0) -> int:
+def health(url: str, timeout: float = 3.0) -> int:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return int(resp.status)

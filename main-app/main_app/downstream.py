@@ -100,7 +100,7 @@ async def llm_tokens(settings: AppSettings, messages: list[ChatMessage]) -> Asyn
 async def check_health(settings: AppSettings, client: httpx.AsyncClient) -> dict[str, Any]:
     async def one(service: str) -> tuple[str, dict[str, Any]]:
         try:
-            r = await client.get(service_url(settings, service) + "/healthz", timeout=2)
+            r = await client.get(service_url(settings, service) + "/healthz", timeout=1)
             body = r.json()
             return service, {
                 "status": "ok" if r.status_code == 200 else "unavailable",

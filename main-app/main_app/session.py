@@ -134,6 +134,7 @@ class Session:
         self.vad_offset_ms = 0.0
         self.stt: ClientConnection | None = None
         self.in_utterance = False
+        self.awaiting_final: asyncio.TimerHandle | None = None
         self.speech_end: float | None = None
         self.turn: Turn | None = None
         self.last_turn: Turn | None = None
@@ -167,6 +168,8 @@ class Session:
             await run_until_first_done(self.browser_loop(), self.vad_loop(), self.stt_loop())
         finally:
             self.closed = True
+            if self.awaiting_final is not None:
+                self.awaiting_final.cancel()
             await self.cancel_turn(barge_in=False)
 
     # --- browser ----------------------------------------------------------------------------------
@@ -309,11 +312,20 @@ class Session:
         self.in_utterance = False
         with contextlib.suppress(*CONNECTION_ERRORS):
             await self.stt.send(Stop().dump())
+        self.awaiting_final = asyncio.get_running_loop().call_later(
+            self.settings.stt_final_timeout_s, lambda: asyncio.ensure_future(self.final_timed_out())
+        )
+
+    async def final_timed_out(self) -> None:
+        await self.error("stt", "timeout", "speech recognition did not return a transcript in time; please repeat")
+        await self.send(Transcript(final=True, text=""))
 
     async def on_stt_event(self, event: dict[str, Any]) -> None:
         if event["type"] == "interim":
             await self.send(Transcript(final=False, text=event["text"]))
         elif event["type"] == "final":
+            if self.awaiting_final is not None:
+                self.awaiting_final.cancel()
             text = event["text"].strip()
             await self.send(Transcript(final=True, text=text))
             recent = self.turn or self.last_turn

@@ -89,3 +89,37 @@ async def test_each_service_down_and_back(own_stack: Stack) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         stored = (await http.get(f"{own_stack.app.url}/conversations/{client.conversation_id}")).json()
     assert sum(m["role"] == "user" for m in stored["messages"]) == 7  # nothing the user said was lost
+
+
+async def test_stt_that_never_answers_times_out(start_service, stack, tmp_path) -> None:
+    """Fault injection (a fake STT that accepts audio and never answers): the session reports a timeout
+    and keeps working."""
+    import websockets
+
+    async def silent_stt(ws) -> None:  # type: ignore[no-untyped-def]
+        async for _ in ws:
+            pass
+
+    async with websockets.serve(silent_stt, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        env = {f"APP_{n.upper()}_URL": stack.services[n].url for n in ("vad", "tts", "llm")}
+        app = start_service(
+            "main-app",
+            APP_STT_URL=f"http://127.0.0.1:{port}",
+            APP_STT_FINAL_TIMEOUT_S="1",
+            APP_DATA_DIR=str(tmp_path),
+            APP_TEMPERATURE="0",
+            **env,
+        )
+        client = VoiceClient(app.url.replace("http", "ws") + "/ws")
+        await client.connect(speak=False)
+        try:
+            await client.stream(UTTERANCE)
+            stopped = await client.wait_for("speech_stopped", 10)
+            err = await client.wait_for("error", 5, after=stopped.t)
+            assert err.event["service"] == "stt" and err.event["code"] == "timeout"
+            assert err.t - stopped.t < 3.0
+            done = await text_turn(client, "What is the capital of France?")
+            assert "paris" in done["text"].lower()
+        finally:
+            await client.close()
