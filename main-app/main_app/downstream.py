@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,7 +10,16 @@ from typing import Any
 import httpx
 import websockets
 from voice_common.chat import trim_history
-from voice_common.protocol import ChatMessage, LlmRequest
+from voice_common.protocol import (
+    ChatMessage,
+    ErrorEvent,
+    LlmDone,
+    LlmRequest,
+    ProtocolError,
+    Token,
+    llm_server_events,
+    parse_event,
+)
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import WebSocketException
 
@@ -82,15 +90,17 @@ async def llm_tokens(settings: AppSettings, messages: list[ChatMessage]) -> Asyn
                     raw = await ws.recv()
             except TimeoutError:
                 raise ServiceError("llm", "timeout", "the language model did not answer in time") from None
-            event = json.loads(raw)
-            if event["type"] == "token":
+            event = parse_event(llm_server_events, raw)
+            if isinstance(event, Token):
                 first = False
-                yield event["text"]
-            elif event["type"] == "done":
+                yield event.text
+            elif isinstance(event, LlmDone):
                 finished = True
                 return
-            elif event["type"] == "error":
-                raise ServiceError("llm", event.get("code", "error"), event.get("message", "LLM error"))
+            elif isinstance(event, ErrorEvent):
+                raise ServiceError("llm", event.code, event.message)
+    except ProtocolError as exc:
+        raise ServiceError("llm", "bad_event", f"unexpected event from the LLM service: {exc}") from None
     except CONNECTION_ERRORS as exc:
         raise ServiceError("llm", "service_unavailable", f"lost the LLM service: {exc}") from None
     finally:

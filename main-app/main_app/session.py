@@ -22,17 +22,24 @@ from difflib import SequenceMatcher
 from typing import TYPE_CHECKING, Any
 
 from fastapi import WebSocket
+from pydantic import TypeAdapter
 from voice_common.audio import AudioFormat
 from voice_common.protocol import (
     ChatMessage,
+    Done,
     ErrorEvent,
     Event,
+    Final,
+    Interim,
     Interrupt,
     Interrupted,
     Playback,
+    ProtocolError,
     ReplyAudioStart,
     ReplyDelta,
     ReplyDone,
+    SentenceEnd,
+    SentenceStart,
     ServiceStatus,
     SessionEnd,
     SessionStart,
@@ -48,6 +55,10 @@ from voice_common.protocol import (
     VadConfigure,
     VadStart,
     browser_events,
+    parse_event,
+    stt_server_events,
+    tts_server_events,
+    vad_server_events,
 )
 from voice_common.tasks import run_until_first_done
 from voice_common.ws import frames, send_event
@@ -230,15 +241,16 @@ class Session:
         def closed() -> None:
             self.vad = None
 
-        await self.keep_linked("vad", "voice detection", opened, closed, self.on_vad_event)
+        await self.keep_linked("vad", "voice detection", vad_server_events, opened, closed, self.on_vad_event)
 
     async def keep_linked(
         self,
         service: str,
         what: str,
+        events: TypeAdapter[Any],
         opened: Callable[[ClientConnection], Awaitable[None]],
         closed: Callable[[], None],
-        handle: Callable[[dict[str, Any]], Awaitable[None]],
+        handle: Callable[[Event], Awaitable[None]],
     ) -> None:
         """Hold a session-long socket to `service`; when it drops, tell the client and reconnect with
         backoff until the service is back. Voice input pauses meanwhile; typing keeps working."""
@@ -251,7 +263,12 @@ class Session:
                     await self.service_up(service)
                     backoff = 0.5
                     async for raw in ws:
-                        await handle(json.loads(raw))
+                        try:
+                            event = parse_event(events, raw)
+                        except ProtocolError as exc:  # e.g. a newer service's event: skip it
+                            logger.warning("session %s: unexpected %s event: %s", self.cid, service, exc)
+                            continue
+                        await handle(event)
                 finally:
                     closed()
                     await ws.close()
@@ -270,16 +287,16 @@ class Session:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 await self.vad.send(VadConfigure(threshold=self.vad_threshold()).dump())
 
-    async def on_vad_event(self, event: dict[str, Any]) -> None:
-        if event["type"] == "speech_started":
-            t = event["t_ms"] + self.vad_offset_ms
+    async def on_vad_event(self, event: Event) -> None:
+        if isinstance(event, SpeechStarted):
+            t = event.t_ms + self.vad_offset_ms
             await self.send(SpeechStarted(t_ms=round(t, 1)))
             await self.begin_utterance(t)
             if self.turn is not None and not self.turn.finished:
                 await self.interrupt()  # barge-in
-        elif event["type"] == "speech_stopped":
-            t = event["t_ms"] + self.vad_offset_ms
-            await self.send(SpeechStopped(t_ms=round(t, 1), duration_ms=event["duration_ms"]))
+        elif isinstance(event, SpeechStopped):
+            t = event.t_ms + self.vad_offset_ms
+            await self.send(SpeechStopped(t_ms=round(t, 1), duration_ms=event.duration_ms))
             self.speech_end = time.monotonic() - max(0.0, self.received_ms - t) / 1000
             await self.end_utterance()
 
@@ -292,7 +309,7 @@ class Session:
         def closed() -> None:
             self.stt, self.in_utterance = None, False
 
-        await self.keep_linked("stt", "speech recognition", opened, closed, self.on_stt_event)
+        await self.keep_linked("stt", "speech recognition", stt_server_events, opened, closed, self.on_stt_event)
 
     async def begin_utterance(self, t_ms: float) -> None:
         if self.stt is None:
@@ -320,13 +337,13 @@ class Session:
         await self.error("stt", "timeout", "speech recognition did not return a transcript in time; please repeat")
         await self.send(Transcript(final=True, text=""))
 
-    async def on_stt_event(self, event: dict[str, Any]) -> None:
-        if event["type"] == "interim":
-            await self.send(Transcript(final=False, text=event["text"]))
-        elif event["type"] == "final":
+    async def on_stt_event(self, event: Event) -> None:
+        if isinstance(event, Interim):
+            await self.send(Transcript(final=False, text=event.text))
+        elif isinstance(event, Final):
             if self.awaiting_final is not None:
                 self.awaiting_final.cancel()
-            text = event["text"].strip()
+            text = event.text.strip()
             await self.send(Transcript(final=True, text=text))
             recent = self.turn or self.last_turn
             if not text or not re.search(r"\w", text):
@@ -340,8 +357,8 @@ class Session:
                 logger.info("session %s: dropped an echo of the assistant: %r", self.cid, text)
                 return
             await self.start_turn(text, "voice", self.speech_end or time.monotonic())
-        elif event["type"] == "error" and event.get("code") not in ("empty_utterance",):
-            await self.error("stt", event.get("code", "error"), event.get("message", "speech recognition error"))
+        elif isinstance(event, ErrorEvent) and event.code != "empty_utterance":
+            await self.error("stt", event.code, event.message)
 
     # --- turns ------------------------------------------------------------------------------------
 
@@ -490,17 +507,17 @@ class Session:
                     turn.play_end = max(turn.play_end, time.monotonic()) + frame_s
                     turn.audio_ms += frame_s * 1000
                     continue
-                event = json.loads(msg)
-                if event["type"] == "sentence_start":
-                    sentence = (event["text"], turn.audio_ms)
-                elif event["type"] == "sentence_end" and sentence is not None:
+                event = parse_event(tts_server_events, msg)
+                if isinstance(event, SentenceStart):
+                    sentence = (event.text, turn.audio_ms)
+                elif isinstance(event, SentenceEnd) and sentence is not None:
                     turn.sentences.append((sentence[0], sentence[1], turn.audio_ms))
                     sentence = None
-                elif event["type"] == "done":
+                elif isinstance(event, Done):
                     return
-                elif event["type"] == "error":
-                    await self.error("tts", event.get("code", "error"), event.get("message", "synthesis error"))
-        except (TimeoutError, *CONNECTION_ERRORS) as exc:
+                elif isinstance(event, ErrorEvent):
+                    await self.error("tts", event.code, event.message)
+        except (TimeoutError, ProtocolError, *CONNECTION_ERRORS) as exc:
             turn.speak = False
             await self.service_down("tts", f"speech synthesis failed ({type(exc).__name__}); replying in text")
         finally:

@@ -164,7 +164,7 @@ async def test_limits_too_long_and_busy(start_service) -> None:
     assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "busy"
 
 
-async def test_multilingual_model_detects_the_language(start_service, tmp_path) -> None:
+def test_multilingual_model_detects_the_language(start_service, tmp_path) -> None:
     from tests.helpers import espeak_wav
 
     base = start_service("stt", STT_MODEL="whisper-base")
@@ -185,10 +185,10 @@ async def test_multilingual_model_detects_the_language(start_service, tmp_path) 
         check=True,
     )
     english = espeak_wav("Good morning, I would like to book a table for two.", tmp_path / "en.wav")
-    async with httpx.AsyncClient(timeout=120) as client:
-        fr = (await client.post(f"{base.url}/transcribe", files={"file": ("fr.wav", french.read_bytes())})).json()
-        en = (await client.post(f"{base.url}/transcribe", files={"file": ("en.wav", english.read_bytes())})).json()
-        info = (await client.get(f"{base.url}/info")).json()
+    with httpx.Client(timeout=120) as client:
+        fr = client.post(f"{base.url}/transcribe", files={"file": ("fr.wav", french.read_bytes())}).json()
+        en = client.post(f"{base.url}/transcribe", files={"file": ("en.wav", english.read_bytes())}).json()
+        info = client.get(f"{base.url}/info").json()
     assert info["model"] == "whisper-base" and info["multilingual"] is True
     assert fr["language"] == "fr" and fr["language_probability"] > 0.5, fr
     assert "table" in fr["text"].lower()
