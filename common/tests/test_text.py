@@ -48,3 +48,21 @@ def test_trim_history_keeps_system_and_latest() -> None:
     assert trimmed[1].role == "user"
     pair = [msgs[0], msgs[-1]]
     assert trim_history(pair, 1) == pair  # the last message always stays
+
+
+def test_first_fragment_of_a_reply_is_cut_early_but_not_on_a_function_word() -> None:
+    def stream(text: str) -> list[str]:
+        s = SentenceSplitter()
+        out: list[str] = []
+        for token in text.split(" "):
+            out += s.push(token + " ")
+        return out + s.flush()
+
+    assert stream("The weather today is sunny with a high of twenty degrees.") == [
+        "The weather today is",
+        "sunny with a high of twenty degrees.",
+    ]
+    assert stream("I think that the best way to learn is by doing.")[0] == "I think that the best"
+    assert stream("Paris is the capital.") == ["Paris is the capital."]  # a short sentence stays whole
+    later = stream("Yes. The weather today is sunny with a high of twenty degrees.")
+    assert later == ["Yes.", "The weather today is sunny with a high of twenty degrees."]  # only the first piece

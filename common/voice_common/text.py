@@ -65,6 +65,12 @@ _BREAK_BEFORE = {
 }  # fmt: skip
 
 
+_NO_END = {
+    "the", "a", "an", "my", "your", "his", "her", "its", "our", "their", "this", "that", "these", "those",
+    "very", "not", "no", "i", "we", "you", "they", "he", "she", "it",
+} | _BREAK_BEFORE  # fmt: skip
+
+
 def _first_fragment_cut(buf: str, words: int) -> int | None:
     """Where to end the first piece of a reply that has no punctuation yet (None: keep waiting)."""
     complete = list(re.finditer(r"\S+\s+", buf))  # words known to be whole (whitespace after them)
@@ -73,7 +79,12 @@ def _first_fragment_cut(buf: str, words: int) -> int | None:
     for m in complete[3 : words + 1]:
         if m.group().strip().lower() in _BREAK_BEFORE:
             return m.start()
-    return complete[words - 1].end()
+    end = words - 1
+    while complete[end].group().strip().lower() in _NO_END:  # never stop on "the", "of", "my" ...
+        end += 1
+        if end == len(complete):
+            return None
+    return complete[end].end()
 
 
 class SentenceSplitter:
@@ -87,7 +98,7 @@ class SentenceSplitter:
     """
 
     def __init__(
-        self, max_chars: int = 180, eager_first: bool = True, first_min_chars: int = 12, first_words: int = 6
+        self, max_chars: int = 180, eager_first: bool = True, first_min_chars: int = 12, first_words: int = 4
     ) -> None:
         self.buf = ""
         self.first_words = first_words
