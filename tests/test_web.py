@@ -6,7 +6,6 @@ getUserMedia -> AudioWorklet -> 16 kHz PCM16 -> main-app -> ... -> reply audio -
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from tests.helpers import librivox_clips, wer
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is installed by `make setup`")
 CLIP = librivox_clips()[4]
-DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +85,6 @@ async def test_speak_into_the_mic_and_hear_a_reply(stack, browser, artifacts) ->
     await page.set_viewport_size({"width": 390, "height": 844})
     await page.wait_for_timeout(500)  # the sidebar slides away on narrow screens
     await page.screenshot(path=str(artifacts / "web-phone.png"))
-    DOCS.mkdir(exist_ok=True)
-    shutil.copy(artifacts / "web-desktop.png", DOCS / "screenshot-desktop.png")
-    shutil.copy(artifacts / "web-phone.png", DOCS / "screenshot-phone.png")
     assert not page.errors  # type: ignore[attr-defined]
 
 
