@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -68,8 +69,6 @@ class GateMiddleware:
         if auth.lower().startswith("bearer "):
             supplied = auth[7:].strip()
         if supplied is None and scope["type"] == "websocket":  # browsers cannot set WS headers
-            from urllib.parse import parse_qs
-
             supplied = (parse_qs(scope.get("query_string", b"").decode()).get("api_key") or [None])[0]
         return supplied is not None and hmac.compare_digest(supplied, key)
 
@@ -196,8 +195,8 @@ def create_service_app(
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
-        body: dict[str, Any] = {"service": name, "status": "ok" if slot.ready or load is None else "unavailable"}
         ok = slot.ready or load is None
+        body: dict[str, Any] = {"service": name, "status": "ok" if ok else "unavailable"}
         if not ok:
             body["reason"] = slot.reason
         if health is not None:

@@ -33,11 +33,13 @@ STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_aud
 
 @dataclass
 class AppContext:
-    """Shared, stateless-per-session things: settings, the store, metrics. No session state here."""
+    """Shared, stateless-per-session things: settings, the store, metrics, the HTTP client for the
+    services. No session state here. Closed by the app factory's lifespan."""
 
     settings: AppSettings
     store: Store
     stage_seconds: Histogram
+    http: httpx.AsyncClient
 
     def observe(self, metrics: TurnMetrics) -> None:
         for stage in STAGES:
@@ -45,8 +47,9 @@ class AppContext:
             if value is not None:
                 self.stage_seconds.labels(stage.removesuffix("_ms"), metrics.source).observe(value / 1000)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.store.close()
+        await self.http.aclose()
 
 
 class ChatRequest(BaseModel):
@@ -57,15 +60,15 @@ class ChatRequest(BaseModel):
 
 def create_app(settings: AppSettings | None = None, engine: AppContext | None = None) -> FastAPI:
     settings = settings or AppSettings()
-    http = httpx.AsyncClient()
 
-    async def downstream_health(_: FastAPI) -> dict[str, Any]:
-        return {"downstream": await check_health(settings, http)}
+    async def downstream_health(app: FastAPI) -> dict[str, Any]:
+        context: AppContext | None = app.state.slot.engine
+        return {"downstream": await check_health(settings, context.http)} if context is not None else {}
 
     app = create_service_app(
         name="main-app",
         settings=settings,
-        load=lambda: AppContext(settings, Store(settings.db_path), stage_seconds),
+        load=lambda: AppContext(settings, Store(settings.db_path), stage_seconds, httpx.AsyncClient()),
         engine=engine,
         info=lambda _: {
             "model": None,
@@ -98,7 +101,7 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
     async def voices() -> Any:
         """The TTS service's voices, for the page's voice picker."""
         try:
-            r = await http.get(settings.tts_url + "/voices", timeout=5)
+            r = await ctx().http.get(settings.tts_url + "/voices", timeout=5)
         except httpx.HTTPError as exc:
             raise ApiError(503, "tts_unavailable", f"cannot reach the TTS service: {exc}") from None
         if r.status_code != 200:
@@ -213,9 +216,5 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
         @app.get("/", include_in_schema=False)
         async def index() -> FileResponse:
             return FileResponse(settings.web_dir / "index.html")
-
-    @app.on_event("shutdown")
-    async def _close_http() -> None:
-        await http.aclose()
 
     return app

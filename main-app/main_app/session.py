@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -235,7 +234,7 @@ class Session:
             )
             await ws.send(start.dump())
             async with asyncio.timeout(self.settings.connect_timeout_s):
-                json.loads(await ws.recv())
+                await ws.recv()  # the ready event
             self.vad_offset_ms, self.vad = self.received_ms, ws
 
         def closed() -> None:
