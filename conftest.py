@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from voice_common.launcher import SERVICES, ServiceProcess
 
+from devtools.launcher import SERVICES, ServiceProcess
 from tests.helpers import free_port
 
 ARTIFACTS = Path(__file__).parent / "test-artifacts"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from voice_common.launcher import SERVICES, ServiceProcess
 from voice_common.settings import REPO_ROOT
 
+from devtools.launcher import SERVICES, ServiceProcess
 from tests.helpers import free_port
 
 

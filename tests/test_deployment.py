@@ -17,9 +17,9 @@ from pydantic_settings import BaseSettings
 from stt_service.settings import SttSettings
 from tts_service.settings import TtsSettings
 from vad_service.settings import VadSettings
-from voice_common.launcher import SERVICES, ServiceProcess
 from voice_common.settings import REPO_ROOT
 
+from devtools.launcher import SERVICES, ServiceProcess
 from tests.helpers import free_port
 
 SETTINGS: dict[str, type[BaseSettings]] = {

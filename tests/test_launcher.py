@@ -10,9 +10,9 @@ import sys
 import time
 import urllib.request
 
-from voice_common.launcher import SERVICES
 from voice_common.settings import REPO_ROOT
 
+from devtools.launcher import SERVICES
 from tests.helpers import free_port
 
 
@@ -24,7 +24,7 @@ def test_run_all_then_ctrl_c(tmp_path) -> None:
         "APP_DATA_DIR": str(tmp_path / "data"),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "voice_common.launcher", "--logs", str(tmp_path / "logs")],
+        [sys.executable, "-m", "devtools.launcher", "--logs", str(tmp_path / "logs")],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,

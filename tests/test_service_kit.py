@@ -79,8 +79,8 @@ async def test_api_key(start_service) -> None:
 
 
 async def test_health_is_503_with_a_reason_until_the_model_loads(start_service, tmp_path) -> None:
-    from voice_common.launcher import SERVICES as SPECS
-    from voice_common.launcher import ServiceProcess, health
+    from devtools.launcher import SERVICES as SPECS
+    from devtools.launcher import ServiceProcess, health
 
     from .helpers import free_port
 

@@ -252,7 +252,7 @@ window.addEventListener("pointerup", pttUp);
 window.addEventListener("keydown", (e) => { if (e.code === "Space" && e.target === document.body && !e.repeat) pttDown(e); });
 window.addEventListener("keyup", (e) => { if (e.code === "Space") pttUp(); });
 $("ptt").onchange = () => { state.pttHeld = false; renderTalk(); };
-$("speak").onchange = () => send({ type: "start", speak: $("speak").checked });
+$("speak").onchange = () => send({ type: "configure", speak: $("speak").checked });
 $("voice").onchange = () => { const ws = state.ws; state.ws = null; ws?.close(); connect(); };
 
 $("composer").addEventListener("submit", async (e) => {

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +23,7 @@ from . import __version__
 from .errors import ApiError, error_body, install_error_handlers
 from .logs import request_id
 from .settings import ServiceSettings
+from .streams import StreamGate, StreamHandler
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,9 +150,11 @@ def create_service_app(
     engine: T | None = None,
     info: Callable[[T | None], dict[str, Any]] = lambda _: {},
     health: Callable[[FastAPI], Awaitable[dict[str, Any]]] | None = None,
+    stream: Callable[[WebSocket, T], StreamHandler[Any]] | None = None,
     version: str = __version__,
 ) -> FastAPI:
-    """Build a service app. `load` runs in a worker thread after start-up unless `engine` is given."""
+    """Build a service app. `load` runs in a worker thread after start-up unless `engine` is given.
+    `stream` makes one handler per connection on `WS /ws`, admitted by a `StreamGate`."""
     slot: EngineSlot[T] = EngineSlot(engine)
     registry = CollectorRegistry()
 
@@ -210,6 +213,14 @@ def create_service_app(
     @app.get("/metrics", tags=["ops"])
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if stream is not None:
+        gate = StreamGate(name, lambda: slot.engine, lambda: slot.reason, settings.max_streams, registry)
+        handler = stream
+
+        @app.websocket("/ws")
+        async def ws(socket: WebSocket) -> None:
+            await gate.serve(socket, handler)
 
     return app
 

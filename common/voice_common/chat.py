@@ -4,11 +4,6 @@ from __future__ import annotations
 
 from .protocol import ChatMessage
 
-VOICE_SYSTEM_PROMPT = (
-    "You are a friendly voice assistant. Your replies are spoken aloud, so answer in one to three short, "
-    "natural sentences. Never use markdown, lists, code, emoji or symbols. Say numbers the way people speak them."
-)
-
 
 def estimate_tokens(text: str) -> int:
     """~4 characters a token for English: cheap, backend-independent, and errs on the safe side."""

@@ -38,6 +38,11 @@ class ProtocolError(ValueError):
 E = TypeVar("E")
 
 
+def _adapter(union: Any) -> TypeAdapter[Any]:
+    """A parser for a union of events, dispatched on their `type` field."""
+    return TypeAdapter(Annotated[union, Field(discriminator="type")])
+
+
 def parse_event(adapter: TypeAdapter[E], raw: str | bytes) -> E:
     """Parse one JSON text frame into a typed event, or raise ProtocolError with a readable message."""
     try:
@@ -77,13 +82,16 @@ class Cancel(Event):
     type: Literal["cancel"] = "cancel"
 
 
-VadClientEvent = Annotated[VadStart | VadConfigure | Stop, Field(discriminator="type")]
-vad_client_events: TypeAdapter[VadStart | VadConfigure | Stop] = TypeAdapter(VadClientEvent)
+VadClientEvent = VadStart | VadConfigure | Stop
+vad_client_events: TypeAdapter[VadClientEvent] = _adapter(VadClientEvent)
 
 
-class Ready(Event):
+class VadReady(Event):
+    """The stream is open: audio frames may follow."""
+
     type: Literal["ready"] = "ready"
-    info: dict[str, Any] | None = None
+    rate: int
+    window_ms: float
 
 
 class SpeechStarted(Event):
@@ -107,10 +115,8 @@ class Done(Event):
     type: Literal["done"] = "done"
 
 
-VadServerEvent = Annotated[
-    Ready | SpeechStarted | SpeechStopped | Probability | Done | ErrorEvent, Field(discriminator="type")
-]
-vad_server_events: TypeAdapter[Any] = TypeAdapter(VadServerEvent)
+VadServerEvent = VadReady | SpeechStarted | SpeechStopped | Probability | Done | ErrorEvent
+vad_server_events: TypeAdapter[VadServerEvent] = _adapter(VadServerEvent)
 
 
 # --- STT -----------------------------------------------------------------------------------------
@@ -126,8 +132,15 @@ class SttStart(Event):
     interim: bool = True
 
 
-SttClientEvent = Annotated[SttStart | Stop | Cancel, Field(discriminator="type")]
-stt_client_events: TypeAdapter[SttStart | Stop | Cancel] = TypeAdapter(SttClientEvent)
+SttClientEvent = SttStart | Stop | Cancel
+stt_client_events: TypeAdapter[SttClientEvent] = _adapter(SttClientEvent)
+
+
+class SttReady(Event):
+    """An utterance was started: its frames may follow."""
+
+    type: Literal["ready"] = "ready"
+    utterance: int
 
 
 class Segment(BaseModel):
@@ -158,8 +171,8 @@ class Cancelled(Event):
     utterance: int | None = None
 
 
-SttServerEvent = Annotated[Ready | Interim | Final | Cancelled | ErrorEvent, Field(discriminator="type")]
-stt_server_events: TypeAdapter[Any] = TypeAdapter(SttServerEvent)
+SttServerEvent = SttReady | Interim | Final | Cancelled | ErrorEvent
+stt_server_events: TypeAdapter[SttServerEvent] = _adapter(SttServerEvent)
 
 
 # --- TTS -----------------------------------------------------------------------------------------
@@ -183,11 +196,13 @@ class Flush(Event):
     type: Literal["flush"] = "flush"
 
 
-TtsClientEvent = Annotated[TtsStart | TtsText | Flush | Stop | Cancel, Field(discriminator="type")]
-tts_client_events: TypeAdapter[TtsStart | TtsText | Flush | Stop | Cancel] = TypeAdapter(TtsClientEvent)
+TtsClientEvent = TtsStart | TtsText | Flush | Stop | Cancel
+tts_client_events: TypeAdapter[TtsClientEvent] = _adapter(TtsClientEvent)
 
 
 class AudioStart(Event):
+    """The synthesis stream is open (TTS's ready): the format of the binary frames that follow."""
+
     type: Literal["audio_start"] = "audio_start"
     format: AudioFormat
     voice: str | None = None
@@ -205,10 +220,8 @@ class SentenceEnd(Event):
     audio_ms: float
 
 
-TtsServerEvent = Annotated[
-    AudioStart | SentenceStart | SentenceEnd | Done | Cancelled | ErrorEvent, Field(discriminator="type")
-]
-tts_server_events: TypeAdapter[Any] = TypeAdapter(TtsServerEvent)
+TtsServerEvent = AudioStart | SentenceStart | SentenceEnd | Done | Cancelled | ErrorEvent
+tts_server_events: TypeAdapter[TtsServerEvent] = _adapter(TtsServerEvent)
 
 
 # --- LLM -----------------------------------------------------------------------------------------
@@ -236,8 +249,8 @@ class LlmRequest(Event, GenerateRequest):
     type: Literal["request"] = "request"
 
 
-LlmClientEvent = Annotated[LlmRequest | Cancel, Field(discriminator="type")]
-llm_client_events: TypeAdapter[LlmRequest | Cancel] = TypeAdapter(LlmClientEvent)
+LlmClientEvent = LlmRequest | Cancel
+llm_client_events: TypeAdapter[LlmClientEvent] = _adapter(LlmClientEvent)
 
 
 class Usage(BaseModel):
@@ -263,14 +276,16 @@ class LlmDone(Event):
     finish_reason: str = "stop"
 
 
-LlmServerEvent = Annotated[Token | LlmDone | Cancelled | ErrorEvent, Field(discriminator="type")]
-llm_server_events: TypeAdapter[Any] = TypeAdapter(LlmServerEvent)
+LlmServerEvent = Token | LlmDone | Cancelled | ErrorEvent
+llm_server_events: TypeAdapter[LlmServerEvent] = _adapter(LlmServerEvent)
 
 
 # --- main-app <-> browser ------------------------------------------------------------------------
 
 
 class SessionStart(Event):
+    """Opens a session, once per connection; later changes go in `configure`."""
+
     type: Literal["start"] = "start"
     format: AudioFormat = AudioFormat()
     conversation_id: str | None = None
@@ -296,14 +311,20 @@ class Playback(Event):
     played_ms: float = Field(ge=0)
 
 
+class SessionConfigure(Event):
+    """Mid-session changes; a field left out stays as it is. Applies from the next reply on."""
+
+    type: Literal["configure"] = "configure"
+    speak: bool | None = None
+    voice: str | None = None
+
+
 class SessionEnd(Event):
     type: Literal["end"] = "end"
 
 
-BrowserEvent = Annotated[
-    SessionStart | UserText | Interrupt | Playback | SessionEnd | VadConfigure, Field(discriminator="type")
-]
-browser_events: TypeAdapter[Any] = TypeAdapter(BrowserEvent)
+BrowserEvent = SessionStart | SessionConfigure | UserText | Interrupt | Playback | SessionEnd
+browser_events: TypeAdapter[BrowserEvent] = _adapter(BrowserEvent)
 
 
 class SessionReady(Event):

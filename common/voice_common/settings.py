@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +27,7 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
     max_body_mb: float = 25.0
+    max_streams: int = Field(64, ge=1, description="open WebSocket streams; one more gets a fatal `error` event")
     models_dir: Path = default_models_dir()
 
     @property

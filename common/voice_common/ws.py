@@ -38,6 +38,17 @@ async def send_event(ws: WebSocket, event: Event) -> bool:
     return True
 
 
+async def send_audio(ws: WebSocket, data: bytes) -> bool:
+    """Send one binary audio frame; False when the peer has gone."""
+    if ws.application_state != WebSocketState.CONNECTED:
+        return False
+    try:
+        await ws.send_bytes(data)
+    except (WebSocketDisconnect, RuntimeError):
+        return False
+    return True
+
+
 async def send_error(ws: WebSocket, code: str, message: str, service: str | None = None, fatal: bool = False) -> bool:
     return await send_event(ws, ErrorEvent(code=code, message=message, service=service, fatal=fatal))
 

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, WebSocket
@@ -23,12 +23,12 @@ from voice_common.protocol import (
     Cancelled,
     ChatMessage,
     GenerateRequest,
+    LlmClientEvent,
     LlmDone,
-    LlmRequest,
     Token,
     llm_client_events,
 )
-from voice_common.ws import frames, send_error, send_event
+from voice_common.streams import StreamHandler
 
 from .backends import Backend, EmbeddedBackend, OllamaBackend, OpenAIBackend
 from .generation import generate
@@ -131,6 +131,7 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
             "max_concurrent": settings.max_concurrent,
         },
         health=backend_health,
+        stream=lambda socket, backend: LlmStream(socket, lambda req: run(backend, req)),
     )
     limiter = Limiter(settings.max_concurrent, settings.max_queue)
     reg = app.state.registry
@@ -257,46 +258,35 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
             "data": [{"id": n, "object": "model", "created": 0, "owned_by": backend.name} for n in names],
         }
 
-    @app.websocket("/ws")
-    async def ws(socket: WebSocket) -> None:
-        await socket.accept()
-        current: asyncio.Task[None] | None = None
-
-        async def produce(backend: Backend, req: GenerateRequest) -> None:
-            try:
-                async for event in run(backend, req):
-                    await send_event(socket, event)
-            except ApiError as exc:
-                await send_error(socket, exc.code, exc.message, SERVICE)
-
-        try:
-            async for event in frames(socket, llm_client_events, SERVICE):
-                if isinstance(event, bytes):
-                    await send_error(socket, "unexpected_binary", "this socket takes JSON events only", SERVICE)
-                    continue
-                if isinstance(event, Cancel):
-                    if current is not None and not current.done():
-                        current.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await current
-                        await send_event(socket, Cancelled())
-                    continue
-                assert isinstance(event, LlmRequest)
-                if current is not None and not current.done():
-                    await send_error(
-                        socket, "busy", "a generation is already running on this socket; cancel it first", SERVICE
-                    )
-                    continue
-                try:
-                    backend: Backend = app.state.slot.get()
-                except ApiError as exc:
-                    await send_error(socket, exc.code, exc.message, SERVICE)
-                    continue
-                current = asyncio.create_task(produce(backend, event))
-        finally:
-            if current is not None:  # the client went away: stop generating now
-                current.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await current
-
     return app
+
+
+class LlmStream(StreamHandler[LlmClientEvent]):
+    """One generation at a time per connection; `cancel` (or the disconnect) stops it between tokens."""
+
+    service = SERVICE
+    events = llm_client_events
+
+    def __init__(self, socket: WebSocket, generate: Callable[[GenerateRequest], AsyncIterator[Token | LlmDone]]):
+        super().__init__(socket)
+        self.generate = generate
+        self.current: asyncio.Task[None] | None = None
+
+    async def on_event(self, event: LlmClientEvent) -> None:
+        if isinstance(event, Cancel):
+            if self.current is not None and not self.current.done():
+                self.current.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.current
+            await self.send(Cancelled())
+        elif self.current is not None and not self.current.done():
+            await self.error("busy", "a generation is already running on this socket; cancel it first")
+        else:
+            self.current = self.spawn(self.produce(event))
+
+    async def produce(self, req: GenerateRequest) -> None:
+        try:
+            async for event in self.generate(req):
+                await self.send(event)
+        except ApiError as exc:
+            await self.error(exc.code, exc.message)

@@ -47,7 +47,8 @@ class BackendError(ApiError):
 
 class EmbeddedBackend:
     """llama.cpp in-process. One generation at a time per model; tokens cross from the worker thread
-    through a bounded queue; a threading.Event stops the generator between tokens."""
+    through a queue (at most `max_tokens` items, so it needs no bound of its own); a threading.Event
+    stops the generator between tokens."""
 
     name = "embedded"
 

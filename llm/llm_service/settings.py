@@ -5,8 +5,12 @@ from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-from voice_common.chat import VOICE_SYSTEM_PROMPT
 from voice_common.settings import ServiceSettings
+
+VOICE_SYSTEM_PROMPT = (
+    "You are a friendly voice assistant. Your replies are spoken aloud, so answer in one to three short, "
+    "natural sentences. Never use markdown, lists, code, emoji or symbols. Say numbers the way people speak them."
+)
 
 
 class LlmSettings(ServiceSettings):

@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 import websockets
-from voice_common.launcher import health
 from voice_common.settings import REPO_ROOT, default_models_dir
 
+from devtools.launcher import health
 from tests.helpers import free_port
 
 GGUF = default_models_dir() / "llm" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"

@@ -6,42 +6,51 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Histogram
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field
 from voice_common.app import create_service_app
-from voice_common.audio import AudioError, AudioFormat
 from voice_common.errors import ApiError
-from voice_common.protocol import ChatMessage, ProtocolError, SessionReady, SessionStart, TurnMetrics, parse_event
-from voice_common.ws import receive_frame, send_error, send_event
+from voice_common.protocol import ChatMessage, TurnMetrics
 
-from .downstream import ServiceError, check_health, llm_tokens
-from .session import LLM_DOWN_REPLY, Session
+from .reply import LLM_DOWN_REPLY, llm_request
+from .services import ServiceError, Services, WsServices, check_health
+from .session import Session
 from .settings import AppSettings
 from .store import Store
 
 logger = logging.getLogger(__name__)
-SESSION_START: TypeAdapter[SessionStart] = TypeAdapter(SessionStart)
 STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_sent_ms", "reply_done_ms")
 
 
 @dataclass
 class AppContext:
-    """Shared, stateless-per-session things: settings, the store, metrics, the HTTP client for the
-    services. No session state here. Closed by the app factory's lifespan."""
+    """Shared, stateless-per-session things: settings, the store, the services, metrics, the HTTP
+    client for health and voices. No session state here. Closed by the app factory's lifespan."""
 
     settings: AppSettings
     store: Store
-    stage_seconds: Histogram
-    http: httpx.AsyncClient
+    services: Services
+    stage_seconds: Histogram | None = None
+    http: httpx.AsyncClient = field(default_factory=httpx.AsyncClient)
+
+    async def conversation(self, cid: str | None) -> str:
+        """The conversation to continue (404 when unknown), or a new one."""
+        if cid:
+            if not await self.store.exists(cid):
+                raise ApiError(404, "conversation_not_found", f"no conversation {cid!r}")
+            return cid
+        return await self.store.create()
 
     def observe(self, metrics: TurnMetrics) -> None:
+        if self.stage_seconds is None:
+            return
         for stage in STAGES:
             value = getattr(metrics, stage)
             if value is not None:
@@ -68,7 +77,7 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
     app = create_service_app(
         name="main-app",
         settings=settings,
-        load=lambda: AppContext(settings, Store(settings.db_path), stage_seconds, httpx.AsyncClient()),
+        load=lambda: AppContext(settings, Store(settings.db_path), WsServices(settings), stage_seconds),
         engine=engine,
         info=lambda _: {
             "model": None,
@@ -77,6 +86,7 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
             "services": {s: getattr(settings, f"{s}_url") for s in ("vad", "stt", "tts", "llm")},
         },
         health=downstream_health,
+        stream=Session,
     )
     stage_seconds = Histogram(
         "voice_turn_stage_seconds",
@@ -89,13 +99,6 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
     def ctx() -> AppContext:
         context: AppContext = app.state.slot.get()
         return context
-
-    async def conversation(cid: str | None) -> str:
-        if cid:
-            if not await ctx().store.exists(cid):
-                raise ApiError(404, "conversation_not_found", f"no conversation {cid!r}")
-            return cid
-        return await ctx().store.create()
 
     @app.get("/voices")
     async def voices() -> Any:
@@ -129,14 +132,14 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
     async def chat(req: ChatRequest) -> Any:
         """Text chat for clients without a WebSocket: JSON, or SSE like the LLM service."""
         store = ctx().store
-        cid = await conversation(req.conversation_id)
+        cid = await ctx().conversation(req.conversation_id)
         await store.add(cid, "user", req.message, "text")
         history = [ChatMessage(role=m["role"], content=m["content"]) for m in await store.messages(cid)]
         t0 = time.monotonic()
 
         async def tokens() -> AsyncIterator[tuple[str, str | None]]:
             try:
-                async for token in llm_tokens(settings, history):
+                async for token in ctx().services.llm(llm_request(settings, history)):
                     yield token, None
             except ServiceError as exc:
                 yield "", f"{exc.service}: {exc.message}"
@@ -172,43 +175,6 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
-
-    @app.websocket("/ws")
-    async def ws(socket: WebSocket) -> None:
-        await socket.accept()
-        try:
-            context = ctx()
-        except ApiError as exc:
-            await send_error(socket, exc.code, exc.message, "main-app", fatal=True)
-            await socket.close(1013)
-            return
-        start: SessionStart | None = None
-        while start is None:
-            frame = await receive_frame(socket)
-            if frame is None:
-                return
-            if isinstance(frame, bytes):
-                await send_error(socket, "no_session", "send a start event before audio", "main-app")
-                continue
-            try:
-                event = parse_event(SESSION_START, frame)
-                event.format.check()
-                cid = await conversation(event.conversation_id)
-                start = event
-            except (ProtocolError, ApiError) as exc:
-                await send_error(socket, exc.code, exc.message, "main-app")
-            except AudioError as exc:
-                await send_error(socket, "unsupported_format", str(exc), "main-app")
-        history = await context.store.messages(cid)
-        await send_event(
-            socket,
-            SessionReady(
-                conversation_id=cid, history=history, output_format=AudioFormat(rate=settings.output_sample_rate)
-            ),
-        )
-        logger.info("session started: conversation %s", cid)
-        await Session(socket, context, start, cid).run()
-        logger.info("session ended: conversation %s", cid)
 
     if settings.web_dir.exists():
         app.mount("/static", StaticFiles(directory=settings.web_dir), name="static")

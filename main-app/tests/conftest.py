@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from voice_common.launcher import ServiceProcess
+
+from devtools.launcher import ServiceProcess
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from main_app.client import VoiceClient
-from main_app.session import LLM_DOWN_REPLY
+from main_app.reply import LLM_DOWN_REPLY
 from voice_common.audio import float32_to_pcm16
 
 from tests.helpers import librivox_clips, silence, wer

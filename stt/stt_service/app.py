@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import time
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import Counter, Histogram
 from voice_common.app import create_service_app, engine_of
@@ -20,7 +19,7 @@ from voice_common.limits import Limiter
 from .engine import RATE, FasterWhisper, Transcriber, Transcript, check_language
 from .formats import openai_body
 from .settings import SttSettings
-from .streaming import serve_stream
+from .streaming import SttStream
 
 logger = logging.getLogger(__name__)
 SERVICE = "stt"
@@ -69,6 +68,7 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
             "compute_type": settings.compute_type,
             "beam_size": settings.beam_size,
         },
+        stream=lambda socket, engine: SttStream(socket, engine, settings, limiter, decode_seconds),
     )
     limiter = Limiter(settings.max_concurrent, settings.max_queue)
     app.state.limiter = limiter
@@ -91,17 +91,10 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
                 "audio_too_long",
                 f"audio is {len(samples) / RATE:.0f} s; the limit is {settings.max_audio_s:.0f} s",
             )
-        async with limiter.slot():
-            t0 = time.perf_counter()
-            result = await asyncio.to_thread(
-                engine.transcribe,
-                samples,
-                language=language,
-                prompt=prompt,
-                temperature=temperature,
-                word_timestamps=words,
-            )
-        decode_seconds.labels("file").observe(time.perf_counter() - t0)
+        result = await limiter.run_in_thread(
+            engine.transcribe, samples, language=language, prompt=prompt, temperature=temperature, word_timestamps=words
+        )
+        decode_seconds.labels("file").observe(result.processing_ms / 1000)
         audio_seconds.inc(result.duration)
         return result
 
@@ -156,10 +149,6 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
     async def models() -> dict[str, Any]:
         name = getattr(app.state.slot.engine, "name", settings.model)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "voicechat"}]}
-
-    @app.websocket("/ws")
-    async def ws(socket: WebSocket) -> None:
-        await serve_stream(socket, app, settings, limiter, decode_seconds)
 
     return app
 

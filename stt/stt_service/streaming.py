@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from fastapi import FastAPI, WebSocket
+from fastapi import WebSocket
 from prometheus_client import Histogram
 from voice_common.audio import AudioError, AudioFormat, StreamResampler, pcm_to_mono_float
 from voice_common.errors import ApiError
@@ -31,12 +31,13 @@ from voice_common.protocol import (
     Cancelled,
     Final,
     Interim,
-    Ready,
     Segment,
+    SttClientEvent,
+    SttReady,
     SttStart,
     stt_client_events,
 )
-from voice_common.ws import frames, send_error, send_event
+from voice_common.streams import StreamHandler
 
 from .engine import RATE, Seg, Transcriber, check_language
 
@@ -70,7 +71,7 @@ class Utterance:
     offset: int = 0  # committed samples (dropped from `chunks`)
     committed: list[Segment] = field(default_factory=list)
     last_decode: float = 0.0
-    decoding: asyncio.Task[Hypothesis | None] | None = None
+    decoding: asyncio.Task[None] | None = None
     hypothesis: Hypothesis | None = None
     closed: bool = False
     quiet_ms: float = 0.0  # trailing quiet audio
@@ -114,90 +115,82 @@ def _segments(result_segments: list[Seg], offset: int) -> list[Segment]:
     ]
 
 
-async def serve_stream(
-    socket: WebSocket, app: FastAPI, settings: SttSettings, limiter: Limiter, decode_seconds: Histogram
-) -> None:
-    await socket.accept()
-    counter = 0
-    utt: Utterance | None = None
+class SttStream(StreamHandler[SttClientEvent]):
+    """One connection, any number of utterances. Decodes run as tasks of the connection, so a `cancel`
+    is answered at once even while a final decode is running (its result is dropped)."""
 
-    async def decode(u: Utterance, engine: Transcriber, kind: str) -> Hypothesis:
-        audio, offset = u.audio().copy(), u.offset
-        # timestamps are only needed to commit segments of long utterances; short ones decode faster without
-        timestamps = len(audio) / RATE >= settings.commit_after_s
-        async with limiter.slot():
-            r = await asyncio.to_thread(
-                engine.transcribe,
-                audio,
-                language=u.language,
-                prompt=u.prompt_text(),
-                temperature=0.0,
-                timestamps=timestamps,
-            )
-        decode_seconds.labels(kind).observe(r.processing_ms / 1000)
-        logger.debug(
-            "utterance %d: %s decode of %.0f ms audio took %.0f ms", u.id, kind, len(audio) / 16, r.processing_ms
-        )
-        segments = _segments(r.segments, offset)
-        length = len(audio) / RATE
-        if kind == "interim" and length >= settings.commit_after_s and len(r.segments) >= 2 and offset == u.offset:
-            stable = [s for s in r.segments[:-1] if s.end <= length - 1.0]
-            if stable:
-                u.commit(int(stable[-1].end * RATE), segments[: len(stable)])
-                segments = segments[len(stable) :]
-        return Hypothesis(offset + len(audio), segments, r.language)
+    service = SERVICE
+    events = stt_client_events
 
-    async def interim(u: Utterance, engine: Transcriber) -> Hypothesis | None:
+    def __init__(
+        self,
+        socket: WebSocket,
+        engine: Transcriber,
+        settings: SttSettings,
+        limiter: Limiter,
+        decode_seconds: Histogram,
+    ) -> None:
+        super().__init__(socket)
+        self.engine = engine
+        self.settings = settings
+        self.limiter = limiter
+        self.decode_seconds = decode_seconds
+        self.counter = 0
+        self.utt: Utterance | None = None
+        self.finals: dict[int, asyncio.Task[None]] = {}
+
+    async def on_event(self, event: SttClientEvent) -> None:
+        if isinstance(event, SttStart):
+            await self.start(event)
+        elif isinstance(event, Cancel):
+            cancelled = [u.id for u in (self.utt,) if u is not None] + list(self.finals)
+            if self.utt is not None:
+                self.utt.closed = True
+                self.utt = None
+            for task in self.finals.values():
+                task.cancel()
+            self.finals.clear()
+            await self.send(Cancelled(utterance=max(cancelled) if cancelled else None))
+        else:  # stop
+            current, self.utt = self.utt, None
+            if current is None or current.total == 0:
+                await self.error("empty_utterance", "stop without audio in a started utterance")
+                return
+            current.closed = True
+            task = self.spawn(self.final(current))
+            self.finals[current.id] = task
+            task.add_done_callback(lambda _: self.finals.pop(current.id, None))
+
+    async def start(self, event: SttStart) -> None:
         try:
-            hyp = await decode(u, engine, "interim")
-        except ApiError:
-            return None
-        if u.hypothesis is None or hyp.covered >= u.hypothesis.covered:
-            u.hypothesis = hyp
-        if u.interim and not u.closed:
-            await send_event(
-                socket, Interim(utterance=u.id, text=u.text(hyp.segments), audio_ms=round(hyp.covered / 16))
-            )
-        return hyp
-
-    async def final(u: Utterance, engine: Transcriber) -> None:
-        t0 = time.perf_counter()
-        u.closed = True
-        hyp = None
-        if u.decoding is not None and not u.decoding.done():
-            await u.decoding  # the latest decode is under way: it usually covers all but the hangover
-        if u.hypothesis is not None and u.silent_after(u.hypothesis.covered):
-            hyp = u.hypothesis
-        if hyp is None:
-            logger.debug(
-                "utterance %d: final decode needed (hypothesis up to %s of %d samples)",
-                u.id,
-                u.hypothesis.covered if u.hypothesis else None,
-                u.total,
-            )
-            hyp = await decode(u, engine, "final")
-        else:
-            logger.debug("utterance %d: reused the decode up to %d of %d samples", u.id, hyp.covered, u.total)
-        await send_event(
-            socket,
-            Final(
-                utterance=u.id,
-                text=u.text(hyp.segments),
-                language=hyp.language,
-                duration_ms=round(u.total / 16),
-                processing_ms=round((time.perf_counter() - t0) * 1000, 1),
-                segments=[*u.committed, *hyp.segments],
-            ),
+            event.format.check()
+            language = check_language(event.language or self.settings.language, self.engine)
+        except AudioError as exc:
+            await self.error("unsupported_format", str(exc))
+            return
+        except ApiError as exc:
+            await self.error(exc.code, exc.message)
+            return
+        if self.utt is not None:
+            self.utt.closed = True
+        self.counter += 1
+        self.utt = Utterance(
+            self.counter, event.format, language, event.prompt, event.interim, StreamResampler(event.format.rate, RATE)
         )
+        await self.send(SttReady(utterance=self.counter))
 
-    async def on_audio(u: Utterance, frame: bytes) -> None:
+    async def on_audio(self, frame: bytes) -> None:
+        u = self.utt
+        if u is None:
+            await self.error("no_utterance", "send a start event before audio frames")
+            return
         try:
             samples = u.resampler(pcm_to_mono_float(frame, u.fmt))
         except AudioError as exc:
-            await send_error(socket, "invalid_audio", str(exc), SERVICE)
+            await self.error("invalid_audio", str(exc))
             return
-        if (u.total + len(samples)) / RATE > settings.max_audio_s:
-            await send_error(socket, "audio_too_long", f"utterance over {settings.max_audio_s:.0f} s", SERVICE)
+        if (u.total + len(samples)) / RATE > self.settings.max_audio_s:
+            await self.error("audio_too_long", f"utterance over {self.settings.max_audio_s:.0f} s")
             return
         u.chunks.append(samples)
         if samples.size and float(np.sqrt(np.mean(samples**2))) >= SILENT_RMS:
@@ -209,58 +202,77 @@ async def serve_stream(
                 u.eager_pending = True
         now = time.monotonic()
         idle = u.decoding is None or u.decoding.done()
-        regular = u.interim and idle and now - u.last_decode >= settings.interim_interval_ms / 1000
+        regular = u.interim and idle and now - u.last_decode >= self.settings.interim_interval_ms / 1000
         # the eager decode does not wait for a running interim: it is the one the final will likely reuse
-        if (regular or u.eager_pending) and u.total - u.offset >= RATE // 4 and limiter.free_now():
+        if (regular or u.eager_pending) and u.total - u.offset >= RATE // 4 and self.limiter.free_now():
             if u.eager_pending:
                 logger.debug("utterance %d: eager decode at %.0f ms (quiet %.0f ms)", u.id, u.total / 16, u.quiet_ms)
             u.last_decode, u.eager_pending = now, False
-            u.decoding = asyncio.create_task(interim(u, app.state.slot.get()))
+            u.decoding = self.spawn(self.interim(u))
 
-    try:
-        async for event in frames(socket, stt_client_events, SERVICE):
-            if isinstance(event, bytes):
-                if utt is None:
-                    await send_error(socket, "no_utterance", "send a start event before audio frames", SERVICE)
-                else:
-                    await on_audio(utt, event)
-            elif isinstance(event, SttStart):
-                try:
-                    engine: Transcriber = app.state.slot.get()
-                    event.format.check()
-                    language = check_language(event.language or settings.language, engine)
-                except AudioError as exc:
-                    await send_error(socket, "unsupported_format", str(exc), SERVICE)
-                    continue
-                except ApiError as exc:
-                    await send_error(socket, exc.code, exc.message, SERVICE)
-                    continue
-                if utt is not None:
-                    utt.closed = True
-                counter += 1
-                utt = Utterance(
-                    counter,
-                    event.format,
-                    language,
-                    event.prompt,
-                    event.interim,
-                    StreamResampler(event.format.rate, RATE),
-                )
-                await send_event(socket, Ready(info={"utterance": counter}))
-            elif isinstance(event, Cancel):
-                if utt is not None:
-                    utt.closed = True
-                    await send_event(socket, Cancelled(utterance=utt.id))
-                utt = None
-            else:  # stop
-                current, utt = utt, None
-                if current is None or current.total == 0:
-                    await send_error(socket, "empty_utterance", "stop without audio in a started utterance", SERVICE)
-                    continue
-                try:
-                    await final(current, app.state.slot.get())
-                except ApiError as exc:
-                    await send_error(socket, exc.code, exc.message, SERVICE)
-    finally:
-        if utt is not None:
-            utt.closed = True
+    async def decode(self, u: Utterance, kind: str) -> Hypothesis:
+        audio, offset = u.audio().copy(), u.offset
+        # timestamps are only needed to commit segments of long utterances; short ones decode faster without
+        timestamps = len(audio) / RATE >= self.settings.commit_after_s
+        r = await self.limiter.run_in_thread(
+            self.engine.transcribe,
+            audio,
+            language=u.language,
+            prompt=u.prompt_text(),
+            temperature=0.0,
+            timestamps=timestamps,
+        )
+        self.decode_seconds.labels(kind).observe(r.processing_ms / 1000)
+        logger.debug(
+            "utterance %d: %s decode of %.0f ms audio took %.0f ms", u.id, kind, len(audio) / 16, r.processing_ms
+        )
+        segments = _segments(r.segments, offset)
+        length = len(audio) / RATE
+        if kind == "interim" and length >= self.settings.commit_after_s and len(r.segments) >= 2 and offset == u.offset:
+            stable = [s for s in r.segments[:-1] if s.end <= length - 1.0]
+            if stable:
+                u.commit(int(stable[-1].end * RATE), segments[: len(stable)])
+                segments = segments[len(stable) :]
+        return Hypothesis(offset + len(audio), segments, r.language)
+
+    async def interim(self, u: Utterance) -> None:
+        """Decode what has arrived; the newest result is kept as `u.hypothesis` for the final to reuse."""
+        try:
+            hyp = await self.decode(u, "interim")
+        except ApiError:
+            return
+        if u.hypothesis is None or hyp.covered >= u.hypothesis.covered:
+            u.hypothesis = hyp
+        if u.interim and not u.closed:
+            await self.send(Interim(utterance=u.id, text=u.text(hyp.segments), audio_ms=round(hyp.covered / 16)))
+
+    async def final(self, u: Utterance) -> None:
+        t0 = time.perf_counter()
+        hyp = None
+        if u.decoding is not None and not u.decoding.done():
+            await asyncio.shield(u.decoding)  # under way: it usually covers all but the VAD's hangover
+        if u.hypothesis is not None and u.silent_after(u.hypothesis.covered):
+            hyp = u.hypothesis
+            logger.debug("utterance %d: reused the decode up to %d of %d samples", u.id, hyp.covered, u.total)
+        else:
+            logger.debug(
+                "utterance %d: final decode needed (hypothesis up to %s of %d samples)",
+                u.id,
+                u.hypothesis.covered if u.hypothesis else None,
+                u.total,
+            )
+            try:
+                hyp = await self.decode(u, "final")
+            except ApiError as exc:
+                await self.error(exc.code, exc.message)
+                return
+        await self.send(
+            Final(
+                utterance=u.id,
+                text=u.text(hyp.segments),
+                language=hyp.language,
+                duration_ms=round(u.total / 16),
+                processing_ms=round((time.perf_counter() - t0) * 1000, 1),
+                segments=[*u.committed, *hyp.segments],
+            )
+        )

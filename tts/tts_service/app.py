@@ -10,18 +10,18 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, WebSocket
+from fastapi import Depends, FastAPI
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import Histogram
 from pydantic import BaseModel, Field
 from voice_common.app import create_service_app, engine_of
 from voice_common.audio import encode_audio, float32_to_pcm16, resample
 from voice_common.errors import ApiError
-from voice_common.text import clean_for_speech, split_sentences
 
 from .engine import PiperEngine, Synthesizer
 from .settings import TtsSettings
-from .streaming import serve_stream
+from .streaming import TtsStream
+from .text import clean_for_speech, split_sentences
 
 logger = logging.getLogger(__name__)
 SERVICE = "tts"
@@ -71,9 +71,9 @@ def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None =
             "audio_format": {"rate": settings.sample_rate or "voice", "width": 2, "channels": 1},
             "device": settings.device,
         },
+        stream=lambda socket, engine: TtsStream(socket, engine, settings, synth_seconds),
     )
     synth_seconds = Histogram("tts_synthesis_seconds", "time to synthesize one sentence", registry=app.state.registry)
-    app.state.synth_seconds = synth_seconds
 
     def check_text(text: str) -> str:
         if not text.strip():
@@ -153,9 +153,5 @@ def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None =
         audio = await render(engine, text, voice, req.speed, rate)
         data = await asyncio.to_thread(encode_audio, audio, rate, fmt)
         return Response(data, media_type=MEDIA[fmt])
-
-    @app.websocket("/ws")
-    async def ws(socket: WebSocket) -> None:
-        await serve_stream(socket, app, settings)
 
     return app

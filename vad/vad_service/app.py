@@ -8,19 +8,12 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, UploadFile, WebSocket
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 from voice_common.app import create_service_app, engine_of
 from voice_common.audio import AudioError, AudioFormat, StreamResampler, load_mono, pcm_to_mono_float
 from voice_common.errors import ApiError
-from voice_common.protocol import (
-    Done,
-    Ready,
-    Stop,
-    VadConfigure,
-    VadStart,
-    vad_client_events,
-)
-from voice_common.ws import frames, send_error, send_event
+from voice_common.protocol import Done, VadClientEvent, VadConfigure, VadReady, VadStart, vad_client_events
+from voice_common.streams import StreamHandler
 
 from .engine import SileroOnnx, VadEngine
 from .segmenter import Segmenter, SegmenterConfig
@@ -70,10 +63,9 @@ def create_app(settings: VadSettings | None = None, engine: VadEngine | None = N
                 "min_speech_ms": settings.min_speech_ms,
             },
         },
+        stream=lambda socket, engine: VadStream(socket, engine, settings, windows),
     )
-    streams = Gauge("vad_streams", "open WebSocket streams", registry=app.state.registry)
     windows = Counter("vad_windows", "512-sample windows processed", registry=app.state.registry)
-    limit = asyncio.Semaphore(settings.max_streams)
 
     async def detect_file(
         file: UploadFile,
@@ -140,79 +132,66 @@ def create_app(settings: VadSettings | None = None, engine: VadEngine | None = N
         )
         return [{"start": round(s, 1), "end": round(e, 1)} for s, e in segments]
 
-    @app.websocket("/ws")
-    async def ws(socket: WebSocket) -> None:
-        await socket.accept()
-        if not app.state.slot.ready:
-            await send_error(socket, "not_ready", app.state.slot.reason, SERVICE, fatal=True)
-            await socket.close(1013)
-            return
-        if limit.locked():
-            await send_error(
-                socket, "too_many_streams", f"limit of {settings.max_streams} streams reached", SERVICE, fatal=True
-            )
-            await socket.close(1013)
-            return
-        async with limit:
-            streams.inc()
-            try:
-                await _serve_stream(socket, app.state.slot.get(), settings, windows)
-            finally:
-                streams.dec()
-
     return app
 
 
-async def _serve_stream(socket: WebSocket, engine: VadEngine, settings: VadSettings, windows: Counter) -> None:
-    """One connection: start -> PCM frames -> stop, any number of times; state dies with the socket."""
-    seg: Segmenter | None = None
-    fmt = AudioFormat()
-    resampler = StreamResampler(16000, 16000)
-    async for event in frames(socket, vad_client_events, SERVICE):
-        if isinstance(event, bytes):
-            if seg is None:
-                await send_error(socket, "no_stream", "send a start event before audio frames", SERVICE)
-                continue
-            try:
-                samples = resampler(pcm_to_mono_float(event, fmt))
-            except AudioError as exc:
-                await send_error(socket, "invalid_audio", str(exc), SERVICE)
-                continue
-            for detected in await asyncio.to_thread(seg.feed, samples):
-                await send_event(socket, detected)
-            windows.inc(len(samples) // engine.window)
-        elif isinstance(event, VadStart):
+class VadStream(StreamHandler[VadClientEvent]):
+    """One connection: start -> PCM frames -> stop, any number of times; state dies with the socket.
+    Frames are processed in order as they arrive (a window takes well under a millisecond)."""
+
+    service = SERVICE
+    events = vad_client_events
+
+    def __init__(self, socket: WebSocket, engine: VadEngine, settings: VadSettings, windows: Counter) -> None:
+        super().__init__(socket)
+        self.engine = engine
+        self.settings = settings
+        self.windows = windows
+        self.seg: Segmenter | None = None
+        self.fmt = AudioFormat()
+        self.resampler = StreamResampler(engine.rate, engine.rate)
+
+    async def on_audio(self, frame: bytes) -> None:
+        if self.seg is None:
+            await self.error("no_stream", "send a start event before audio frames")
+            return
+        try:
+            samples = self.resampler(pcm_to_mono_float(frame, self.fmt))
+        except AudioError as exc:
+            await self.error("invalid_audio", str(exc))
+            return
+        for detected in await asyncio.to_thread(self.seg.feed, samples):
+            await self.send(detected)
+        self.windows.inc(len(samples) // self.engine.window)
+
+    async def on_event(self, event: VadClientEvent) -> None:
+        if isinstance(event, VadStart):
             try:
                 event.format.check()
             except AudioError as exc:
-                await send_error(socket, "unsupported_format", str(exc), SERVICE)
-                continue
-            fmt = event.format
-            resampler = StreamResampler(fmt.rate, engine.rate)
-            seg = Segmenter(
-                engine,
-                _config(
-                    settings,
-                    threshold=event.threshold,
-                    min_silence_ms=event.min_silence_ms,
-                    speech_pad_ms=event.speech_pad_ms,
-                    min_speech_ms=event.min_speech_ms,
-                ),
+                await self.error("unsupported_format", str(exc))
+                return
+            self.fmt = event.format
+            self.resampler = StreamResampler(event.format.rate, self.engine.rate)
+            cfg = _config(
+                self.settings,
+                threshold=event.threshold,
+                min_silence_ms=event.min_silence_ms,
+                speech_pad_ms=event.speech_pad_ms,
+                min_speech_ms=event.min_speech_ms,
             )
-            seg.config.probabilities = event.probabilities
-            await send_event(socket, Ready(info={"rate": engine.rate, "window_ms": engine.window * 1000 / engine.rate}))
+            cfg.probabilities = event.probabilities
+            self.seg = Segmenter(self.engine, cfg)
+            await self.send(VadReady(rate=self.engine.rate, window_ms=self.engine.window * 1000 / self.engine.rate))
+        elif self.seg is None:
+            await self.error("no_stream", "send a start event first")
         elif isinstance(event, VadConfigure):
-            if seg is None:
-                await send_error(socket, "no_stream", "send a start event first", SERVICE)
-                continue
             if event.threshold is not None:
-                seg.config.threshold = event.threshold
+                self.seg.config.threshold = event.threshold
             if event.min_silence_ms is not None:
-                seg.config.min_silence_ms = event.min_silence_ms
-        elif isinstance(event, Stop):
-            if seg is not None:
-                for ev in seg.finish():
-                    await send_event(socket, ev)
-            seg = None
-            await send_event(socket, Done())
-    logger.debug("vad stream closed")
+                self.seg.config.min_silence_ms = event.min_silence_ms
+        else:  # stop
+            for detected in self.seg.finish():
+                await self.send(detected)
+            self.seg = None
+            await self.send(Done())

@@ -1,4 +1,5 @@
-"""Start services as separate processes, wait for their health checks, stop them cleanly.
+"""Dev tooling, not part of any service: start services as separate processes, wait for their health
+checks, stop them cleanly.
 
 Used by `make run` (all five) and by the tests (real servers on real sockets).
 """
@@ -16,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings import REPO_ROOT
+from voice_common.settings import REPO_ROOT
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
+"""The sentence splitter that feeds streamed LLM text to the synthesizer."""
+
 from __future__ import annotations
 
-from voice_common.chat import estimate_tokens, trim_history
-from voice_common.protocol import ChatMessage
-from voice_common.text import SentenceSplitter, clean_for_speech, split_sentences
+from tts_service.text import SentenceSplitter, clean_for_speech, split_sentences
 
 
 def test_abbreviations_decimals_and_numbers_do_not_split() -> None:
@@ -36,18 +36,6 @@ def test_eager_first_clause_and_long_sentences() -> None:
     assert first == ["Well, that is a very good question to ask,"]
     long = "word " * 50
     assert all(len(p) <= 60 for p in split_sentences(long, max_chars=60))
-
-
-def test_trim_history_keeps_system_and_latest() -> None:
-    msgs = [ChatMessage(role="system", content="sys")] + [
-        ChatMessage(role="user" if i % 2 == 0 else "assistant", content=f"message {i} " + "x" * 400) for i in range(20)
-    ]
-    trimmed = trim_history(msgs, 600)
-    assert trimmed[0].role == "system" and trimmed[-1] == msgs[-1]
-    assert sum(estimate_tokens(m.content) for m in trimmed) <= 600
-    assert trimmed[1].role == "user"
-    pair = [msgs[0], msgs[-1]]
-    assert trim_history(pair, 1) == pair  # the last message always stays
 
 
 def test_first_fragment_of_a_reply_is_cut_early_but_not_on_a_function_word() -> None:

@@ -1,0 +1,130 @@
+"""One shape for every WebSocket stream: admission, a task group per connection, typed events.
+
+Like wyoming's `AsyncEventHandler`: a subclass says what to do with one event or one audio frame.
+The reader hands each frame over at once, so handlers must not wait on slow work: they `spawn` it.
+That is what lets a `cancel` overtake anything queued or in progress, and every spawned task ends
+with the connection, so nothing outlives a disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, Generic, TypeVar
+
+from fastapi import WebSocket
+from prometheus_client import CollectorRegistry, Gauge
+from pydantic import TypeAdapter
+
+from .protocol import Event
+from .ws import frames, send_audio, send_error, send_event
+
+logger = logging.getLogger(__name__)
+E = TypeVar("E")
+T = TypeVar("T")
+
+
+class StreamHandler(Generic[E]):
+    """One connection. Subclasses set `service` and `events` (the typed client events) and override
+    `on_event`, and `on_audio` where the socket takes audio."""
+
+    service: ClassVar[str]
+    events: ClassVar[TypeAdapter[Any]]
+
+    def __init__(self, socket: WebSocket) -> None:
+        self.socket = socket
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def on_event(self, event: E) -> None:
+        raise NotImplementedError
+
+    async def on_audio(self, frame: bytes) -> None:
+        await self.error("unexpected_audio", "this socket takes JSON events only")
+
+    async def on_close(self) -> None:
+        """Called once the peer has gone and every spawned task has ended."""
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run work beside the reader; cancelled and awaited when the connection ends. A failure is
+        logged and reported as an error event: it ends that work, not the connection."""
+        task = asyncio.create_task(self._guarded(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception as exc:
+            logger.exception("%s stream task failed", self.service)
+            await self.error("internal_error", f"{type(exc).__name__}: {exc}")
+
+    async def send(self, event: Event) -> bool:
+        return await send_event(self.socket, event)
+
+    async def send_audio(self, frame: bytes) -> bool:
+        return await send_audio(self.socket, frame)
+
+    async def error(self, code: str, message: str, fatal: bool = False) -> bool:
+        return await send_error(self.socket, code, message, self.service, fatal)
+
+    async def close(self) -> None:
+        """End the connection from this side; the reader then stops and `on_close` runs."""
+        await self.socket.close()
+
+    async def run(self) -> None:
+        try:
+            async for item in frames(self.socket, self.events, self.service):
+                if isinstance(item, bytes):
+                    await self.on_audio(item)
+                else:
+                    await self.on_event(item)
+        finally:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.on_close()
+
+
+class StreamGate(Generic[T]):
+    """Admission to a service's stream socket, the same for every service: while the engine is not
+    ready, and beyond `max_streams` open streams, the socket gets one fatal `error` event
+    (`not_ready` or `too_many_streams`) and is closed with 1013, "try again later"."""
+
+    def __init__(
+        self,
+        service: str,
+        engine: Callable[[], T | None],
+        reason: Callable[[], str],
+        max_streams: int,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.service = service
+        self.engine = engine
+        self.reason = reason
+        self.max_streams = max_streams
+        self.active = 0
+        self.gauge = Gauge("websocket_streams", "open WebSocket streams", registry=registry)
+
+    async def serve(self, socket: WebSocket, handler: Callable[[WebSocket, T], StreamHandler[Any]]) -> None:
+        await socket.accept()
+        engine = self.engine()
+        if engine is None:
+            await self._refuse(socket, "not_ready", f"service not ready: {self.reason()}")
+        elif self.active >= self.max_streams:
+            await self._refuse(socket, "too_many_streams", f"limit of {self.max_streams} streams reached")
+        else:
+            self.active += 1
+            self.gauge.inc()
+            try:
+                await handler(socket, engine).run()
+            finally:
+                self.active -= 1
+                self.gauge.dec()
+
+    async def _refuse(self, socket: WebSocket, code: str, message: str) -> None:
+        logger.warning("%s stream refused: %s", self.service, message)
+        await send_error(socket, code, message + "; try again later", self.service, fatal=True)
+        await socket.close(1013)
