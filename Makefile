@@ -10,13 +10,16 @@ APT_PACKAGES := espeak-ng pocketsphinx-testdata chromium sox
 PACKAGES := common vad stt tts llm main-app
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup apt venv deps models lint fmt bench clean lock
+.PHONY: run test test-fast setup apt venv deps models lint fmt bench clean lock
 
 run: setup ## install what is missing, start all five services, Ctrl-C stops them
 	$(PY) -m devtools.launcher
 
 test: setup lint ## install what is missing and run the whole test suite
 	$(PY) -m pytest
+
+test-fast: deps ## orchestration and unit tests: no model, no subprocess, seconds
+	$(PY) -m pytest -m fast -q
 
 setup: apt deps models
 

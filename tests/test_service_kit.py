@@ -105,3 +105,51 @@ async def test_health_is_503_with_a_reason_until_the_model_loads(start_service, 
             assert r.headers["retry-after"]
     finally:
         proc.stop()
+
+
+STREAM_SERVICES = {"vad": "VAD", "stt": "STT", "tts": "TTS", "llm": "LLM"}
+MISSING_MODEL = {"vad": "VAD_MODEL_PATH", "stt": "STT_MODEL_PATH", "tts": "TTS_VOICES_DIR", "llm": "LLM_MODEL_PATH"}
+
+
+async def refused(url: str) -> tuple[dict, int | None]:
+    """Connect to a stream socket that should refuse: its one event, and the close code."""
+    async with websockets.connect(url) as ws:
+        event = json.loads(await ws.recv())
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+        return event, ws.close_code
+
+
+@pytest.mark.parametrize("name", list(STREAM_SERVICES))
+async def test_every_stream_socket_refuses_the_same_way_at_its_limit(start_service, name: str) -> None:
+    svc = start_service(name, **{f"{STREAM_SERVICES[name]}_MAX_STREAMS": "2"})
+    url = svc.url.replace("http", "ws") + "/ws"
+    async with websockets.connect(url), websockets.connect(url):
+        event, code = await refused(url)
+    assert event["type"] == "error" and event["code"] == "too_many_streams" and event["fatal"]
+    assert event["service"] == name and code == 1013
+    async with websockets.connect(url) as ws:  # the streams above are closed: there is room again
+        await ws.send(json.dumps({"type": "nope"}))
+        assert json.loads(await ws.recv())["code"] == "bad_event"
+
+
+@pytest.mark.parametrize("name", list(STREAM_SERVICES))
+async def test_every_stream_socket_refuses_the_same_way_without_its_model(name: str, tmp_path) -> None:
+    import asyncio
+
+    from devtools.launcher import SERVICES as SPECS
+    from devtools.launcher import ServiceProcess, health
+
+    from .helpers import free_port
+
+    spec = next(s for s in SPECS if s.name == name)
+    proc = ServiceProcess(spec, free_port(), env={MISSING_MODEL[name]: str(tmp_path / "missing")}).start()
+    try:
+        for _ in range(300):
+            if health(f"{proc.url}/healthz") == 503:
+                break
+            await asyncio.sleep(0.1)
+        event, code = await refused(proc.url.replace("http", "ws") + "/ws")
+    finally:
+        proc.stop()
+    assert event["code"] == "not_ready" and event["fatal"] and event["service"] == name and code == 1013

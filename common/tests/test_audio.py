@@ -18,6 +18,8 @@ from voice_common.audio import (
     resample,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def tone(rate: int, seconds: float = 1.0, freq: float = 440.0) -> np.ndarray:
     t = np.arange(int(rate * seconds)) / rate

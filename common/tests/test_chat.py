@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import pytest
 from voice_common.chat import estimate_tokens, trim_history
 from voice_common.protocol import ChatMessage
+
+pytestmark = pytest.mark.fast
 
 
 def test_trim_history_keeps_system_and_latest() -> None:

@@ -48,17 +48,19 @@ class StreamHandler(Generic[E]):
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run work beside the reader; cancelled and awaited when the connection ends. A failure is
         logged and reported as an error event: it ends that work, not the connection."""
-        task = asyncio.create_task(self._guarded(work))
+        task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
         return task
 
-    async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
-        try:
-            await work
-        except Exception as exc:
-            logger.exception("%s stream task failed", self.service)
-            await self.error("internal_error", f"{type(exc).__name__}: {exc}")
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("%s stream task failed", self.service, exc_info=exc)
+            self.spawn(self._report(exc))
+
+    async def _report(self, exc: BaseException) -> None:
+        await self.error("internal_error", f"{type(exc).__name__}: {exc}")
 
     async def send(self, event: Event) -> bool:
         return await send_event(self.socket, event)

@@ -189,7 +189,7 @@ async def test_websocket_bad_events(llm) -> None:
         await ws.send(json.dumps({"type": "request", "messages": []}))
         assert json.loads(await ws.recv())["code"] == "empty_messages"
         await ws.send(b"\x00")
-        assert json.loads(await ws.recv())["code"] == "unexpected_binary"
+        assert json.loads(await ws.recv())["code"] == "unexpected_audio"
 
 
 async def test_ollama_backend_against_protocol_server(ollama_llm, fake_ollama) -> None:

@@ -25,13 +25,12 @@ from voice_common.protocol import (
     LlmRequest,
     SentenceEnd,
     SentenceStart,
-    SttStart,
-    SttReady,
     Stop,
+    SttReady,
+    SttStart,
     TtsStart,
     TtsText,
     VadConfigure,
-    VadReady,
     VadStart,
 )
 

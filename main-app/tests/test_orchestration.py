@@ -18,7 +18,7 @@ from main_app.reply import LLM_DOWN_REPLY, Reply, ReplyContext, ReplyState, is_e
 from main_app.services import ServiceError
 from main_app.settings import AppSettings
 from main_app.store import Store
-from voice_common.protocol import Event, SpeechStarted, SpeechStopped, SttStart, Stop, TtsText
+from voice_common.protocol import Event, SpeechStarted, SpeechStopped, Stop, SttStart, TtsText
 
 from tests.helpers import free_port
 
@@ -126,7 +126,7 @@ async def test_stt_final_timeout_is_reported_and_the_session_goes_on(harness: Ha
         await client.wait_for("reply_done", 5)
     finally:
         await client.close()
-    assert [m["content"] for m in await harness.messages(client)][0] == "second try"
+    assert (await harness.messages(client))[0]["content"] == "second try"
 
 
 async def test_a_final_without_words_starts_no_turn(harness: Harness) -> None:
@@ -511,9 +511,9 @@ async def test_reply_states_run_in_order(tmp_path: Path) -> None:
     reply.settings = reply.settings.model_copy(update={"playback_lead_ms": 5000})
     await reply.ctx.store.create("t")  # the conversation must exist for history
     reply.ctx.conversation_id = (await reply.ctx.store.list())[0]["id"]
-    tasks: list[asyncio.Task[None]] = []
-    reply.start(lambda work: tasks.append(asyncio.create_task(work)) or tasks[-1])
-    await asyncio.wait_for(tasks[0], 10)
+    reply.start(asyncio.create_task)
+    assert reply.task is not None
+    await asyncio.wait_for(reply.task, 10)
     assert states == [ReplyState.GENERATING, ReplyState.SPEAKING, ReplyState.DONE]
     fakes = reply.ctx.services
     assert isinstance(fakes, FakeServices)

@@ -118,7 +118,7 @@ async def test_text_fallback_over_websocket(stack) -> None:
         done = await client.wait_for("reply_done", 60)
         assert "paris" in done.event["text"].lower()
         assert not client.of_type("audio_start") and not client.audio
-        await client.send({"type": "start", "speak": True})  # switch spoken replies on mid-session
+        await client.send({"type": "configure", "speak": True})  # switch spoken replies on mid-session
         await client.send({"type": "text", "text": "And of Italy?"})
         await client.wait_for("reply_done", 60, turn=2)
         assert client.audio.get(2)
@@ -259,17 +259,17 @@ async def test_browser_going_away_closes_every_downstream_stream(stack) -> None:
     async def open_streams(service: str) -> float:
         async with httpx.AsyncClient() as http:
             text = (await http.get(f"{stack.services[service].url}/metrics")).text
-        match = re.search(r"^vad_streams (\S+)", text, re.M)
+        match = re.search(r"^websocket_streams (\S+)", text, re.M)
         return float(match.group(1)) if match else 0.0
 
     client = VoiceClient(stack.ws)
     await client.connect()
     await client.send({"type": "text", "text": "Tell me a very long story about the sea, at least ten sentences."})
     await client.wait_for("reply_delta", 60)
-    assert await open_streams("vad") >= 1
+    assert await open_streams("vad") >= 1 and await open_streams("stt") >= 1
     await client.close()  # mid-reply
     await asyncio.sleep(1.0)
     stopped = await llm_tokens_so_far()
     await asyncio.sleep(1.5)
     assert await llm_tokens_so_far() == stopped  # generation stopped with the session
-    assert await open_streams("vad") == 0
+    assert await open_streams("vad") == 0 and await open_streams("stt") == 0

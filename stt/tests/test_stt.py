@@ -123,6 +123,30 @@ async def test_websocket_several_utterances_and_cancel(stt) -> None:
         assert wer(CLIPS[4].text, final["text"]) < 0.15
 
 
+async def test_cancel_overtakes_a_running_final_decode(stt) -> None:
+    """Twenty seconds of speech sent at once and no interims: the final needs a full decode, which a
+    cancel must not wait for. The answer to the cancel comes first, and the final never does."""
+    speech = b"".join(c.pcm16() for c in CLIPS[:4])
+    async with websockets.connect(stt.url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "start", "interim": False}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await ws.send(speech)
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.sleep(0.1)  # the final decode is under way
+        await ws.send(json.dumps({"type": "cancel"}))
+        answer = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert answer == {"type": "cancelled", "utterance": 1}
+        with pytest.raises(TimeoutError):  # the dropped final is never sent
+            await asyncio.wait_for(ws.recv(), 3)
+        # the socket goes on: the next utterance is transcribed
+        await ws.send(json.dumps({"type": "start", "interim": False}))
+        assert json.loads(await ws.recv())["utterance"] == 2
+        await ws.send(CLIPS[4].pcm16())
+        await ws.send(json.dumps({"type": "stop"}))
+        final = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert final["type"] == "final" and wer(CLIPS[4].text, final["text"]) < 0.15
+
+
 async def test_bad_inputs(stt) -> None:
     async with httpx.AsyncClient(timeout=60) as client:
         r = await client.post(f"{stt.url}/transcribe", files={"file": ("x.wav", b"")})

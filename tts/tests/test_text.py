@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from tts_service.text import SentenceSplitter, clean_for_speech, split_sentences
+
+pytestmark = pytest.mark.fast
 
 
 def test_abbreviations_decimals_and_numbers_do_not_split() -> None:
