@@ -58,6 +58,18 @@ MODELS: tuple[Model, ...] = (
             ),
         ),
     ),
+    Model(  # semantic end of turn; BSD-2-Clause, shipped inside pipecat's wheel (never imported)
+        "smart-turn-v3.2",
+        "vad",
+        ("pipecat-ai==1.14.0",),
+        (
+            Output(
+                "vad/smart-turn-v3.2-cpu.onnx",
+                "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f",
+                ("pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",),
+            ),
+        ),
+    ),
     Model(
         "whisper-tiny.en",
         "stt",

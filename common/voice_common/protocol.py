@@ -64,6 +64,11 @@ class VadStart(Event):
     speech_pad_ms: int | None = Field(None, ge=0, le=2000)
     min_speech_ms: int | None = Field(None, ge=0, le=10000)
     probabilities: bool = False
+    turn_detection: bool = Field(
+        False, description="semantic end of turn: a complete sentence ends sooner, a pause mid-sentence later"
+    )
+    turn_silence_ms: int | None = Field(None, ge=0, le=10000, description="silence that ends a complete turn")
+    max_pause_ms: int | None = Field(None, ge=0, le=10000, description="silence that ends an incomplete one")
 
 
 class VadConfigure(Event):
@@ -92,6 +97,7 @@ class VadReady(Event):
     type: Literal["ready"] = "ready"
     rate: int
     window_ms: float
+    turn_detection: bool = False  # whether the turn model is on for this stream
 
 
 class SpeechStarted(Event):
@@ -105,6 +111,17 @@ class SpeechStopped(Event):
     duration_ms: float
 
 
+class TurnEnd(Event):
+    """The turn model's verdict when silence begins (turn detection on): `complete` turns end after
+    `turn_silence_ms` of silence, others only after `max_pause_ms` unless the user goes on."""
+
+    type: Literal["turn_end"] = "turn_end"
+    t_ms: float
+    probability: float
+    complete: bool
+    inference_ms: float
+
+
 class Probability(Event):
     type: Literal["probability"] = "probability"
     t_ms: float
@@ -115,7 +132,7 @@ class Done(Event):
     type: Literal["done"] = "done"
 
 
-VadServerEvent = VadReady | SpeechStarted | SpeechStopped | Probability | Done | ErrorEvent
+VadServerEvent = VadReady | SpeechStarted | SpeechStopped | TurnEnd | Probability | Done | ErrorEvent
 vad_server_events: TypeAdapter[VadServerEvent] = _adapter(VadServerEvent)
 
 
@@ -154,6 +171,7 @@ class Interim(Event):
     utterance: int
     text: str
     audio_ms: float
+    eager: bool = False  # decoded at the first quiet frames: the final is likely this text
 
 
 class Final(Event):
@@ -377,6 +395,9 @@ class TurnMetrics(Event):
     tts_first_audio_ms: float | None = None
     first_audio_sent_ms: float | None = None
     reply_done_ms: float | None = None
+    speculative: bool = False  # the reply was started on the eager transcript, before the turn ended
+    turn_probability: float | None = None  # the turn model's verdict that ended the turn
+    turn_inference_ms: float | None = None
 
 
 class ServiceStatus(Event):

@@ -13,7 +13,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, Field
 from voice_common.app import create_service_app
 from voice_common.errors import ApiError
@@ -38,7 +38,15 @@ class AppContext:
     store: Store
     services: Services
     stage_seconds: Histogram | None = None
+    speculations: Counter | None = None
     http: httpx.AsyncClient = field(default_factory=httpx.AsyncClient)
+
+    def speculated(self, result: str, wasted_tokens: int) -> None:
+        """hit: the held reply went out; miss / dropped: it was thrown away with its tokens."""
+        if self.speculations is not None:
+            self.speculations.labels(result).inc()
+            if wasted_tokens:
+                self.speculations.labels("wasted_tokens").inc(wasted_tokens)
 
     async def conversation(self, cid: str | None) -> str:
         """The conversation to continue (404 when unknown), or a new one."""
@@ -77,7 +85,7 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
     app = create_service_app(
         name="main-app",
         settings=settings,
-        load=lambda: AppContext(settings, Store(settings.db_path), WsServices(settings), stage_seconds),
+        load=lambda: AppContext(settings, Store(settings.db_path), WsServices(settings), stage_seconds, speculations),
         engine=engine,
         info=lambda _: {
             "model": None,
@@ -94,6 +102,12 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
         ["stage", "source"],
         registry=app.state.registry,
         buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+    )
+    speculations = Counter(
+        "voice_speculations",
+        "replies started on the eager transcript, by outcome (and the tokens of those thrown away)",
+        ["result"],
+        registry=app.state.registry,
     )
 
     def ctx() -> AppContext:

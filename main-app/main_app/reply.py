@@ -7,6 +7,10 @@ closes both streams at once, which stops generation and synthesis downstream.
 
     PENDING -> GENERATING (first token) -> SPEAKING (first audio) -> DONE (played out)
           \\________________\\___________________\\-> INTERRUPTED (only what was heard is kept)
+
+A speculative reply starts `held`, on the STT's eager transcript before the turn has ended: it generates
+and synthesizes, but nothing reaches the browser or the store until `release()` (the final transcript
+matched); `discard()` drops it without a trace.
 """
 
 from __future__ import annotations
@@ -85,7 +89,15 @@ def llm_request(settings: AppSettings, history: list[ChatMessage]) -> LlmRequest
 
 class Reply:
     def __init__(
-        self, ctx: ReplyContext, turn: int, source: str, t0: float, speak: bool, voice: str | None = None
+        self,
+        ctx: ReplyContext,
+        turn: int,
+        source: str,
+        t0: float,
+        speak: bool,
+        voice: str | None = None,
+        history: list[ChatMessage] | None = None,
+        held: bool = False,
     ) -> None:
         self.ctx = ctx
         self.out = ctx.out
@@ -104,7 +116,15 @@ class Reply:
         self.audio_started = False
         self.play_end = 0.0  # monotonic time the client finishes playing what was sent
         self.played_ms: float | None = None  # reported by the client
-        self.marks: dict[str, float] = {}  # latency stages, ms after t0
+        self.marks: dict[str, float] = {}  # latency stages: monotonic times
+        self.history = history  # the conversation to answer; None: as stored
+        self.speculative = held
+        self.released = asyncio.Event()  # output may go to the browser and the store
+        if not held:
+            self.released.set()
+        self.held_events: list[Event] = []
+        self.turn_probability: float | None = None
+        self.turn_inference_ms: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.stored: asyncio.Future[int] | None = None  # the assistant message, once it is being stored
 
@@ -119,7 +139,7 @@ class Reply:
         return "".join(self.text).strip()
 
     def mark(self, name: str) -> None:
-        self.marks.setdefault(name, (time.monotonic() - self.t0) * 1000)
+        self.marks.setdefault(name, time.monotonic())
 
     def heard(self) -> str:
         """What the user actually heard: whole sentences before the played position, then the played
@@ -152,6 +172,20 @@ class Reply:
     def start(self, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]) -> None:
         """Run in a task of the session's group (so it also ends with the connection)."""
         self.task = spawn(self.run())
+
+    async def release(self, t0: float) -> None:
+        """The turn ended as speculated: from now on this is the reply, timed from `t0`."""
+        self.t0 = t0
+        while self.held_events:  # in order, also what is emitted meanwhile
+            event = self.held_events.pop(0)
+            if self.state is not ReplyState.INTERRUPTED:
+                await self.out.send(event)
+        self.released.set()
+
+    async def discard(self) -> None:
+        """The speculation was wrong: stop, and leave no trace in the browser or the store."""
+        self.state = ReplyState.INTERRUPTED
+        await self.cancel()
 
     async def interrupt(self) -> None:
         """Barge-in or a new message: stop now, and keep only what the user heard."""
@@ -210,7 +244,7 @@ class Reply:
     # --- the work ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        history = [
+        history = self.history or [
             ChatMessage(role=m["role"], content=m["content"])
             for m in await self.ctx.store.messages(self.ctx.conversation_id)
         ]
@@ -225,6 +259,7 @@ class Reply:
         finally:
             if tts is not None:
                 await tts.close(abort=not completed)
+        await self.released.wait()
         if self.reply and not self.failed:
             await self.store(self.reply)
         self.mark("reply_done")
@@ -236,7 +271,11 @@ class Reply:
         await self.set_state(ReplyState.DONE)
 
     async def emit(self, event: Event) -> None:
-        if self.state is not ReplyState.INTERRUPTED:
+        if self.state is ReplyState.INTERRUPTED:
+            return
+        if not self.released.is_set():
+            self.held_events.append(event)
+        else:
             await self.out.send(event)
 
     async def open_tts(self) -> EventStream[TtsServerEvent] | None:
@@ -316,6 +355,7 @@ class Reply:
     async def send_audio(self, frame: bytes) -> None:
         rate = self.settings.output_sample_rate
         self.mark("tts_first_audio")
+        await self.released.wait()  # held audio waits in the TTS stream (bounded by TTS_MAX_CHARS)
         now = time.monotonic()
         if not self.audio_started:
             self.audio_started = True
@@ -334,23 +374,26 @@ class Reply:
         self.play_end = max(self.play_end, time.monotonic()) + frame_s
         self.audio_ms += frame_s * 1000
 
+    def since_t0(self, mark: str) -> float | None:
+        """ms from the end of the user's turn; negative when a speculative reply was ahead of it."""
+        at = self.marks.get(mark)
+        return None if at is None else round((at - self.t0) * 1000, 1)
+
     async def report_metrics(self) -> None:
-        m = self.marks
         event = TurnMetrics(
             turn=self.turn,
             source="voice" if self.source == "voice" else "text",
-            stt_final_ms=_r(m.get("stt_final")),
-            llm_first_token_ms=_r(m.get("llm_first_token")),
-            tts_first_audio_ms=_r(m.get("tts_first_audio")),
-            first_audio_sent_ms=_r(m.get("first_audio_sent")),
-            reply_done_ms=_r(m.get("reply_done")),
+            stt_final_ms=self.since_t0("stt_final"),
+            llm_first_token_ms=self.since_t0("llm_first_token"),
+            tts_first_audio_ms=self.since_t0("tts_first_audio"),
+            first_audio_sent_ms=self.since_t0("first_audio_sent"),
+            reply_done_ms=self.since_t0("reply_done"),
+            speculative=self.speculative,
+            turn_probability=self.turn_probability,
+            turn_inference_ms=self.turn_inference_ms,
         )
         self.ctx.observe(event)
         await self.emit(event)
-
-
-def _r(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
 
 
 def _words(text: str) -> list[str]:

@@ -11,14 +11,16 @@ ends with it. Nothing of a session lives on the app.
 from __future__ import annotations
 
 import logging
+import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import WebSocket
 from voice_common.audio import AudioError, AudioFormat
 from voice_common.errors import ApiError
 from voice_common.protocol import (
     BrowserEvent,
+    ChatMessage,
     Interrupt,
     Playback,
     SessionConfigure,
@@ -40,6 +42,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def words(text: str) -> list[str]:
+    """What must match between a speculation and the final: the words, not case or punctuation."""
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
 class Session(StreamHandler[BrowserEvent]):
     service = "main-app"
     events = browser_events
@@ -55,6 +62,7 @@ class Session(StreamHandler[BrowserEvent]):
         self.voice: str | None = None
         self.turns = 0
         self.reply: Reply | None = None  # the newest reply (it may be over)
+        self.speculation: tuple[str, Reply] | None = None  # a held reply to an eager transcript
         self.previous: Reply | None = None  # the one before: its playback report may still come
 
     # --- browser events ---------------------------------------------------------------------------
@@ -108,6 +116,7 @@ class Session(StreamHandler[BrowserEvent]):
 
     async def on_close(self) -> None:
         self.out.closed = True
+        await self.drop_speculation("the session ended")
         if self.reply is not None:
             await self.reply.close()
         if self.conversation_id is not None:
@@ -116,14 +125,52 @@ class Session(StreamHandler[BrowserEvent]):
     # --- turn-taking (called by SpeechInput) ------------------------------------------------------
 
     async def user_speaking(self) -> None:
+        await self.drop_speculation("the user went on")
         if self.reply is not None:
             await self.reply.interrupt()  # barge-in
+
+    async def user_saying(self, text: str, eager: bool) -> None:
+        if self.speculation is not None and words(text) != words(self.speculation[0]):
+            await self.drop_speculation("the transcript changed")
+        if eager and self.speculation is None and self.settings.speculate and words(text):
+            if self.reply is not None and (self.reply.active or self.reply.is_echo(text)):
+                return
+            await self.speculate(text)
 
     async def user_said(self, text: str, ended_at: float) -> None:
         if self.reply is not None and self.reply.is_echo(text):
             logger.info("session %s: dropped an echo of the assistant: %r", self.conversation_id, text)
+            await self.drop_speculation("an echo")
             return
+        if self.speculation is not None:
+            guess, reply = self.speculation
+            self.speculation = None
+            if words(guess) == words(text):
+                self.ctx.speculated("hit", 0)
+                await self.confirm_reply(reply, text, ended_at)
+                return
+            self.ctx.speculated("miss", len(reply.text))
+            await reply.discard()
         await self.start_reply(text, "voice", ended_at)
+
+    async def speculate(self, text: str) -> None:
+        """Start the reply to `text` before the turn has ended, held back until the final confirms it."""
+        assert self.conversation_id is not None
+        stored = await self.ctx.store.messages(self.conversation_id)
+        history = [ChatMessage(role=m["role"], content=m["content"]) for m in stored]
+        history.append(ChatMessage(role="user", content=text.strip()))
+        self.turns += 1
+        reply = self.new_reply("voice", time.monotonic(), history=history, held=True)
+        self.speculation = (text, reply)
+        reply.start(self.spawn)
+
+    async def drop_speculation(self, why: str) -> None:
+        if self.speculation is not None:
+            _, reply = self.speculation
+            self.speculation = None
+            logger.debug("session %s: speculation dropped: %s", self.conversation_id, why)
+            self.ctx.speculated("dropped", len(reply.text))
+            await reply.discard()
 
     # --- replies ----------------------------------------------------------------------------------
 
@@ -133,6 +180,21 @@ class Session(StreamHandler[BrowserEvent]):
             await self.reply.interrupt()
         self.turns += 1
         await self.ctx.store.add(self.conversation_id, "user", text.strip(), source, self.turns)
+        reply = self.new_reply(source, t0)
+        self.adopt(reply)
+        reply.start(self.spawn)
+
+    async def confirm_reply(self, reply: Reply, text: str, t0: float) -> None:
+        """The speculation was right: the user's words are stored, and the held reply goes out."""
+        assert self.conversation_id is not None
+        if self.reply is not None:
+            await self.reply.interrupt()
+        await self.ctx.store.add(self.conversation_id, "user", text.strip(), "voice", reply.turn)
+        self.adopt(reply)
+        await reply.release(t0)
+
+    def new_reply(self, source: str, t0: float, **kwargs: Any) -> Reply:
+        assert self.conversation_id is not None
         ctx = ReplyContext(
             self.ctx.services,
             self.ctx.store,
@@ -142,11 +204,14 @@ class Session(StreamHandler[BrowserEvent]):
             self.ctx.observe,
             self.reply_changed,
         )
-        reply = Reply(ctx, self.turns, source, t0, self.speak, self.voice)
-        if source == "voice":
+        return Reply(ctx, self.turns, source, t0, self.speak, self.voice, **kwargs)
+
+    def adopt(self, reply: Reply) -> None:
+        if reply.source == "voice":
             reply.mark("stt_final")
+            if self.speech is not None and (verdict := self.speech.turn_end) is not None:
+                reply.turn_probability, reply.turn_inference_ms = verdict.probability, verdict.inference_ms
         self.previous, self.reply = self.reply, reply
-        reply.start(self.spawn)
 
     async def reply_changed(self, reply: Reply) -> None:
         """Echo guard: the VAD listens less eagerly while the assistant speaks."""

@@ -24,7 +24,11 @@ class AppSettings(ServiceSettings):
     history_tokens: int = 1500
     max_reply_tokens: int = 200
     temperature: float = 0.6
-    end_of_turn_silence_ms: int = Field(300, description="VAD silence that ends the user's turn")
+    end_of_turn_silence_ms: int = Field(300, description="VAD silence that ends the user's turn (no turn model)")
+    turn_detection: bool = Field(True, description="semantic end of turn (the VAD's turn model)")
+    turn_silence_ms: int = Field(200, description="silence that ends a turn the turn model calls complete")
+    speculate: bool = Field(True, description="start the reply on the eager transcript, before the turn ends")
+    max_turn_pause_ms: int = Field(1500, description="silence that ends a turn the turn model calls incomplete")
     vad_threshold: float = 0.5
     vad_threshold_speaking: float = Field(0.85, description="echo guard: VAD threshold while the assistant speaks")
     preroll_ms: int = 600

@@ -28,6 +28,7 @@ from voice_common.protocol import (
     SttServerEvent,
     SttStart,
     Transcript,
+    TurnEnd,
     VadConfigure,
     VadServerEvent,
     VadStart,
@@ -45,6 +46,9 @@ class TurnTaker(Protocol):
 
     async def user_speaking(self) -> None:
         """The VAD heard the user start: a reply in progress should stop (barge-in)."""
+
+    async def user_saying(self, text: str, eager: bool) -> None:
+        """An interim transcript; `eager`: decoded at the first quiet, so probably the final one."""
 
     async def user_said(self, text: str, ended_at: float) -> None:
         """A final transcript with words in it; `ended_at` is the monotonic end of the speech."""
@@ -73,6 +77,7 @@ class SpeechInput:
         self.stt: EventStream[SttServerEvent] | None = None
         self.in_utterance = False
         self.speech_end: float | None = None
+        self.turn_end: TurnEnd | None = None  # the turn model's latest verdict
         self.speaking = False  # the assistant is speaking: the VAD threshold is raised (echo guard)
         self.final_timer: asyncio.Task[None] | None = None
         self.group: asyncio.TaskGroup | None = None
@@ -144,8 +149,14 @@ class SpeechInput:
                     await self.vad.send(VadConfigure(threshold=self.threshold()))
 
     async def open_vad(self) -> EventStream[VadServerEvent]:
+        s = self.settings
         start = VadStart(
-            format=self.fmt, threshold=self.threshold(), min_silence_ms=self.settings.end_of_turn_silence_ms
+            format=self.fmt,
+            threshold=self.threshold(),
+            min_silence_ms=s.end_of_turn_silence_ms,
+            turn_detection=s.turn_detection,
+            turn_silence_ms=s.turn_silence_ms,
+            max_pause_ms=s.max_turn_pause_ms,
         )
         stream = await self.services.vad(start)
         self.vad, self.vad_offset_ms = stream, self.received_ms
@@ -165,6 +176,10 @@ class SpeechInput:
             await self.out.send(SpeechStopped(t_ms=round(t, 1), duration_ms=event.duration_ms))
             self.speech_end = time.monotonic() - max(0.0, self.received_ms - t) / 1000
             await self.end_utterance()
+        elif isinstance(event, TurnEnd):
+            logger.debug(
+                "turn model: p=%.2f complete=%s in %.0f ms", event.probability, event.complete, event.inference_ms
+            )
         elif isinstance(event, ErrorEvent):
             await self.out.error("vad", event.code, event.message)
 
@@ -209,6 +224,7 @@ class SpeechInput:
     async def on_stt(self, event: SttServerEvent) -> None:
         if isinstance(event, Interim):
             await self.out.send(Transcript(final=False, text=event.text))
+            await self.turns.user_saying(event.text, event.eager)
         elif isinstance(event, Final):
             if self.final_timer is not None:
                 self.final_timer.cancel()

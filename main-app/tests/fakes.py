@@ -21,7 +21,6 @@ from voice_common.protocol import (
     Done,
     Event,
     Final,
-    Interim,
     LlmRequest,
     SentenceEnd,
     SentenceStart,
@@ -138,7 +137,6 @@ class FakeServices:
                 stream.push(SttReady(utterance=utterance))
             elif isinstance(item, Stop) and self.final_delay_s is not None:
                 text, delay, n = self.transcript, self.final_delay_s, utterance
-                stream.push(Interim(utterance=n, text=text.split()[0] if text.split() else "", audio_ms=100))
                 asyncio.get_running_loop().call_later(
                     delay, stream.push, Final(utterance=n, text=text, duration_ms=1000, processing_ms=delay * 1000)
                 )

@@ -18,7 +18,7 @@ from main_app.reply import LLM_DOWN_REPLY, Reply, ReplyContext, ReplyState, is_e
 from main_app.services import ServiceError
 from main_app.settings import AppSettings
 from main_app.store import Store
-from voice_common.protocol import Event, SpeechStarted, SpeechStopped, Stop, SttStart, TtsText
+from voice_common.protocol import Event, Interim, SpeechStarted, SpeechStopped, Stop, SttStart, TtsText
 
 from tests.helpers import free_port
 
@@ -41,14 +41,19 @@ class Harness:
         await until(lambda: self.fakes.vads and self.fakes.stts, what="the VAD and STT links")
         return client
 
-    async def say(self, client: VoiceClient, text: str, frames: int = 25) -> float:
-        """The user says `text`: speech marks from the VAD, audio, and the STT's final on stop."""
+    async def say(self, client: VoiceClient, text: str, frames: int = 25, eager: str | None = None) -> float:
+        """The user says `text`: speech marks from the VAD, audio, and the STT's final on stop; `eager`:
+        the STT's eager transcript at the first quiet, before the VAD ends the turn."""
         self.fakes.transcript = text
         vad = self.fakes.vad_stream
         vad.push(SpeechStarted(t_ms=0))
         await until(lambda: any(isinstance(e, SttStart) for e in self.fakes.stts[-1].sent), what="utterance start")
         for _ in range(frames):
             await client.ws.send(FRAME)  # type: ignore[union-attr]
+        if eager is not None:
+            self.fakes.stts[-1].push(Interim(utterance=1, text=eager, audio_ms=frames * 20, eager=True))
+            await until(lambda: self.fakes.llm_requests, what="the speculative reply")
+            await asyncio.sleep(0.1)  # the turn is not over yet: the reply is generated, held back
         vad.push(SpeechStopped(t_ms=frames * 20, duration_ms=frames * 20))
         return time.monotonic()
 
@@ -451,6 +456,60 @@ async def test_sessions_beyond_the_limit_are_refused(harness: Harness) -> None:
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_a_speculative_reply_goes_out_when_the_final_matches(harness: Harness) -> None:
+    client = await harness.client()
+    try:
+        await harness.say(client, "What is the weather like?", eager="what is the weather like")
+        final = await client.wait_for("transcript", 3, final=True)
+        done = await client.wait_for("reply_done", 5)
+        metrics = await client.wait_for("metrics", 3)
+    finally:
+        await client.close()
+    assert len(harness.fakes.llm_requests) == 1  # the speculative generation was the reply
+    assert harness.fakes.llm_requests[0].messages[-1].content == "what is the weather like"
+    deltas = [r for r in client.events if r.event["type"] in ("reply_delta", "audio_start")]
+    assert deltas and all(r.t >= final.t for r in deltas)  # nothing before the turn was confirmed
+    assert done.event["text"] == harness.fakes.reply and client.audio.get(done.event["turn"])
+    assert metrics.event["speculative"] and metrics.event["llm_first_token_ms"] < 0  # ready before the end
+    stored = [(m["role"], m["content"]) for m in await harness.messages(client)]
+    assert stored == [("user", "What is the weather like?"), ("assistant", harness.fakes.reply)]
+
+
+async def test_a_wrong_speculation_is_dropped_without_a_trace(harness: Harness) -> None:
+    harness.fakes.token_delay_s = 0.05
+    client = await harness.client()
+    try:
+        await harness.say(client, "what is the weather like in Paris", eager="what is the weather like")
+        done = await client.wait_for("reply_done", 5)
+        await asyncio.sleep(0.2)
+    finally:
+        await client.close()
+    prompts = [r.messages[-1].content for r in harness.fakes.llm_requests]
+    assert prompts == ["what is the weather like", "what is the weather like in Paris"]
+    assert harness.fakes.llm_stopped == 1  # the guess was stopped
+    assert len(client.of_type("reply_done")) == 1 and len(client.of_type("audio_start")) == 1
+    assert "".join(e["text"] for e in client.of_type("reply_delta")) == harness.fakes.reply
+    assert not done.event["interrupted"]
+    stored = [(m["role"], m["content"]) for m in await harness.messages(client)]
+    assert stored == [("user", "what is the weather like in Paris"), ("assistant", harness.fakes.reply)]
+
+
+async def test_a_speculation_is_dropped_when_the_user_goes_on(harness: Harness) -> None:
+    harness.fakes.token_delay_s = 0.05
+    client = await harness.client()
+    try:
+        harness.fakes.vad_stream.push(SpeechStarted(t_ms=0))
+        stt = harness.fakes.stts[-1]
+        await until(lambda: stt.of(SttStart), what="utterance start")
+        stt.push(Interim(utterance=1, text="I would like", audio_ms=800, eager=True))
+        await until(lambda: harness.fakes.llm_requests, what="the speculative reply")
+        stt.push(Interim(utterance=1, text="I would like a coffee", audio_ms=1600))  # after a pause
+        await until(lambda: harness.fakes.llm_stopped == 1, what="the speculation stopped")
+    finally:
+        await client.close()
+    assert not client.of_type("reply_delta") and not client.audio
 
 
 # --- the Reply on its own -------------------------------------------------------------------------

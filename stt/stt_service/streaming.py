@@ -52,8 +52,11 @@ EAGER_SILENCE_MS = 60
 
 @dataclass
 class Hypothesis:
-    """An interim decode: the uncommitted segments it found and how far (absolute samples) it looked."""
+    """An interim decode: the segments it found after `offset` (the committed samples when it ended)
+    and how far (absolute samples) it looked. Only a hypothesis whose offset is still the utterance's
+    may be shown or reused: an older one repeats text that has been committed since."""
 
+    offset: int
     covered: int
     segments: list[Segment]
     language: str
@@ -71,7 +74,7 @@ class Utterance:
     offset: int = 0  # committed samples (dropped from `chunks`)
     committed: list[Segment] = field(default_factory=list)
     last_decode: float = 0.0
-    decoding: asyncio.Task[None] | None = None
+    decodes: list[asyncio.Task[None]] = field(default_factory=list)  # interim decodes in flight
     hypothesis: Hypothesis | None = None
     closed: bool = False
     quiet_ms: float = 0.0  # trailing quiet audio
@@ -201,14 +204,15 @@ class SttStream(StreamHandler[SttClientEvent]):
             if before < EAGER_SILENCE_MS <= u.quiet_ms:
                 u.eager_pending = True
         now = time.monotonic()
-        idle = u.decoding is None or u.decoding.done()
+        u.decodes = [d for d in u.decodes if not d.done()]
+        idle = not u.decodes
         regular = u.interim and idle and now - u.last_decode >= self.settings.interim_interval_ms / 1000
         # the eager decode does not wait for a running interim: it is the one the final will likely reuse
         if (regular or u.eager_pending) and u.total - u.offset >= RATE // 4 and self.limiter.free_now():
             if u.eager_pending:
                 logger.debug("utterance %d: eager decode at %.0f ms (quiet %.0f ms)", u.id, u.total / 16, u.quiet_ms)
-            u.last_decode, u.eager_pending = now, False
-            u.decoding = self.spawn(self.interim(u))
+            eager, u.last_decode, u.eager_pending = u.eager_pending, now, False
+            u.decodes.append(self.spawn(self.interim(u, eager)))
 
     async def decode(self, u: Utterance, kind: str) -> Hypothesis:
         audio, offset = u.audio().copy(), u.offset
@@ -228,31 +232,41 @@ class SttStream(StreamHandler[SttClientEvent]):
         )
         segments = _segments(r.segments, offset)
         length = len(audio) / RATE
-        if kind == "interim" and length >= self.settings.commit_after_s and len(r.segments) >= 2 and offset == u.offset:
+        # commits only while the utterance is open (offset unchanged), so a final never sees one happen
+        commit = kind == "interim" and not u.closed and offset == u.offset
+        if commit and length >= self.settings.commit_after_s and len(r.segments) >= 2:
             stable = [s for s in r.segments[:-1] if s.end <= length - 1.0]
             if stable:
                 u.commit(int(stable[-1].end * RATE), segments[: len(stable)])
                 segments = segments[len(stable) :]
-        return Hypothesis(offset + len(audio), segments, r.language)
+                return Hypothesis(u.offset, offset + len(audio), segments, r.language)
+        return Hypothesis(offset, offset + len(audio), segments, r.language)
 
-    async def interim(self, u: Utterance) -> None:
-        """Decode what has arrived; the newest result is kept as `u.hypothesis` for the final to reuse."""
+    async def interim(self, u: Utterance, eager: bool = False) -> None:
+        """Decode what has arrived; the newest result is kept as `u.hypothesis` for the final to reuse.
+        An eager decode (at the first quiet) is announced even without interims: it is the likely final,
+        so a client may start its reply on it."""
         try:
             hyp = await self.decode(u, "interim")
         except ApiError:
             return
-        if u.hypothesis is None or hyp.covered >= u.hypothesis.covered:
+        if hyp.offset != u.offset:
+            return  # a decode that finished later committed text this one repeats
+        if u.hypothesis is None or u.hypothesis.offset != u.offset or hyp.covered >= u.hypothesis.covered:
             u.hypothesis = hyp
-        if u.interim and not u.closed:
-            await self.send(Interim(utterance=u.id, text=u.text(hyp.segments), audio_ms=round(hyp.covered / 16)))
+        if (u.interim or eager) and not u.closed:
+            text = u.text(hyp.segments)
+            await self.send(Interim(utterance=u.id, text=text, audio_ms=round(hyp.covered / 16), eager=eager))
 
     async def final(self, u: Utterance) -> None:
         t0 = time.perf_counter()
         hyp = None
-        if u.decoding is not None and not u.decoding.done():
-            await asyncio.shield(u.decoding)  # under way: it usually covers all but the VAD's hangover
-        if u.hypothesis is not None and u.silent_after(u.hypothesis.covered):
-            hyp = u.hypothesis
+        if u.decodes and not u.decodes[-1].done():
+            # the latest decode is under way: it usually covers all but the VAD's hangover
+            await asyncio.shield(u.decodes[-1])
+        h = u.hypothesis
+        if h is not None and h.offset == u.offset and u.silent_after(h.covered):
+            hyp = h
             logger.debug("utterance %d: reused the decode up to %d of %d samples", u.id, hyp.covered, u.total)
         else:
             logger.debug(

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from .turn import SmartTurn, TurnModel
+
+logger = logging.getLogger(__name__)
 
 RATE = 16000
 WINDOW = 512  # samples at 16 kHz: 32 ms
@@ -55,3 +60,20 @@ class SileroOnnx:
             state.context = chunk[0, -CONTEXT:]
             out.append(float(prob[0, 0]))
         return out
+
+
+@dataclass
+class VadModels:
+    """What the VAD service loads: the voice detector, and the turn model when it is installed."""
+
+    vad: VadEngine
+    turn: TurnModel | None = None
+
+
+def load_models(vad_path: Path, turn_path: Path, threads: int) -> VadModels:
+    turn: TurnModel | None = None
+    try:
+        turn = SmartTurn(turn_path, threads)
+    except FileNotFoundError as exc:  # detection still works; turn ends fall back to silence alone
+        logger.warning("no turn model: %s", exc)
+    return VadModels(SileroOnnx(vad_path, threads), turn)
