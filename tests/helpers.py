@@ -79,3 +79,15 @@ def espeak_wav(text: str, path: Path, rate: int = 16000) -> Path:
 
 def silence(ms: int, rate: int = 16000) -> np.ndarray:
     return np.zeros(int(rate * ms / 1000), dtype=np.float32)
+
+
+def with_pause(samples: np.ndarray, pause_ms: int, rate: int = 16000) -> tuple[np.ndarray, float]:
+    """Insert a pause mid-sentence, at the quietest 100 ms between 35 % and 65 % of the speech (a word
+    gap). Returns the audio and where the pause starts, in ms."""
+    hop = rate // 100  # 10 ms
+    frames = samples[: len(samples) // hop * hop].reshape(-1, hop)
+    energy = np.convolve(np.sqrt((frames**2).mean(axis=1)), np.ones(10), "same")
+    lo, hi = int(len(energy) * 0.35), int(len(energy) * 0.65)
+    cut = (lo + int(np.argmin(energy[lo:hi]))) * hop
+    pause = np.zeros(int(rate * pause_ms / 1000), dtype=samples.dtype)
+    return np.concatenate([samples[:cut], pause, samples[cut:]]), cut * 1000 / rate

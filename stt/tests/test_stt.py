@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 import websockets
-from voice_common.audio import float32_to_pcm16
+from voice_common.audio import encode_wav, float32_to_pcm16, pcm16_to_float32
 
-from tests.helpers import corpus_wer, librivox_clips, silence, wer
+from tests.helpers import corpus_wer, librivox_clips, normalize, silence, wer
 
 CLIPS = librivox_clips()
 
@@ -105,6 +105,20 @@ async def test_websocket_interims_then_final(stt) -> None:
             assert interims[-1]["audio_ms"] > interims[0]["audio_ms"]
             assert wer(clip.text, interims[-1]["text"]) < 0.5
     assert corpus_wer(pairs) < 0.15, pairs
+
+
+async def test_streaming_final_equals_rest_for_sentences_with_pauses(stt) -> None:
+    """Three sentences with pauses between them, streamed in real time: long enough for interim decodes
+    to commit segments while later decodes run. The final must say each sentence once, as REST does."""
+    gap = float32_to_pcm16(silence(800))
+    pcm = gap.join(c.pcm16() for c in (CLIPS[2], CLIPS[4], CLIPS[3])) + float32_to_pcm16(silence(400))
+    _, final, _ = await stream(stt.url, pcm)
+    async with httpx.AsyncClient(timeout=60) as http:
+        wav = encode_wav(pcm16_to_float32(pcm), 16000)
+        rest = (await http.post(f"{stt.url}/transcribe", files={"file": ("a.wav", wav)})).json()["text"]
+    reference = " ".join(c.text for c in (CLIPS[2], CLIPS[4], CLIPS[3]))
+    assert len(normalize(final["text"])) <= len(normalize(reference)) + 2, final["text"]  # nothing twice
+    assert wer(reference, final["text"]) <= wer(reference, rest) + 0.05, (final["text"], rest)
 
 
 async def test_websocket_several_utterances_and_cancel(stt) -> None:

@@ -189,3 +189,58 @@ async def test_many_streams_have_independent_state(vad, scene) -> None:
     results = await asyncio.gather(*(ws_segments(vad.url, pcm, [random.choice([640, 1280, 962])]) for _ in range(4)))
     for segs in results:
         assert_near(segs, truth)
+
+
+# --- semantic end of turn (smart-turn v3.2) -----------------------------------------------------
+
+TURN_CLIPS = [0, 2, 3]  # read sentences the turn model hears as complete at their end
+
+
+async def ws_events(url: str, samples: np.ndarray, **start: object) -> list[dict]:
+    """Stream 16 kHz audio in 20 ms frames; every event the VAD sends, then its `done`."""
+    events = []
+    async with websockets.connect(url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "start", **start}))
+        ready = json.loads(await ws.recv())
+        assert ready["type"] == "ready"
+        events.append(ready)
+        pcm = float32_to_pcm16(samples)
+        for i in range(0, len(pcm), 640):
+            await ws.send(pcm[i : i + 640])
+        await ws.send(json.dumps({"type": "stop"}))
+        while (event := json.loads(await ws.recv()))["type"] != "done":
+            events.append(event)
+    return events
+
+
+@pytest.mark.parametrize("index", TURN_CLIPS)
+async def test_a_pause_mid_sentence_does_not_end_the_turn(vad, index: int) -> None:
+    from tests.helpers import with_pause
+
+    speech, _ = load_mono(librivox_clips()[index].data, RATE)
+    audio, pause_at = with_pause(speech, 600)
+    audio = np.concatenate([silence(300), audio, silence(2000)])
+    plain = await ws_events(vad.url, audio, min_silence_ms=300)
+    assert sum(e["type"] == "speech_stopped" for e in plain) == 2  # silence alone cuts the user off
+    events = await ws_events(vad.url, audio, min_silence_ms=300, turn_detection=True)
+    assert events[0]["turn_detection"] is True
+    verdicts = [e for e in events if e["type"] == "turn_end"]
+    stops = [e for e in events if e["type"] == "speech_stopped"]
+    assert len(stops) == 1 and stops[0]["t_ms"] > 300 + pause_at + 600  # one turn, ended after the pause
+    assert [v["complete"] for v in verdicts] == [False, True]  # at the pause, then at the end
+    assert all(0 < v["inference_ms"] < 2000 for v in verdicts)
+
+
+async def test_rest_turn_endpoint(vad) -> None:
+    from tests.helpers import with_pause
+
+    speech, _ = load_mono(librivox_clips()[3].data, RATE)
+    audio, pause_at = with_pause(speech, 600)
+    head = audio[: int((pause_at + 200) * RATE / 1000)]
+    async with httpx.AsyncClient(timeout=60) as http:
+        whole = (await http.post(f"{vad.url}/turn", files={"file": ("a.wav", wav_bytes(speech))})).json()
+        half = (await http.post(f"{vad.url}/turn", files={"file": ("a.wav", wav_bytes(head))})).json()
+        info = (await http.get(f"{vad.url}/info")).json()
+    assert whole["complete"] and whole["probability"] > 0.5 and whole["inference_ms"] > 0
+    assert not half["complete"] and half["probability"] < 0.5
+    assert info["turn_model"] == "smart-turn-v3.2"

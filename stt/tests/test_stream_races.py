@@ -1,0 +1,108 @@
+"""Races inside the STT socket, made deterministic with a scripted Transcriber (fault injection: which
+decode finishes first is set by the test) over a real socket. No model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import uvicorn
+import websockets
+from stt_service.app import create_app
+from stt_service.engine import RATE, Seg, Transcript
+from stt_service.settings import SttSettings
+from voice_common.audio import float32_to_pcm16
+
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.fast
+WORDS = ["one", "two", "three", "four"]
+
+
+class ScriptedTranscriber:
+    """Hears loud blocks as words (block k is at amplitude 0.1 k); decode n takes `delays[n]` s."""
+
+    name = "scripted"
+    multilingual = False
+
+    def __init__(self, delays: list[float]) -> None:
+        self.delays = delays
+        self.calls = 0
+        self.done = 0
+
+    def transcribe(self, audio: np.ndarray, **_: object) -> Transcript:
+        n, self.calls = self.calls, self.calls + 1
+        time.sleep(self.delays[n] if n < len(self.delays) else 0.02)
+        frames = audio[: len(audio) // 160 * 160].reshape(-1, 160)
+        level = np.sqrt((frames**2).mean(axis=1))
+        segments, start = [], None
+        for i, loud in enumerate([*(level > 0.01), False]):
+            if loud and start is None:
+                start = i
+            elif not loud and start is not None:
+                word = WORDS[round(float(level[start:i].mean()) / 0.1) - 1]
+                segments.append(Seg(start / 100, i / 100, f" {word}"))
+                start = None
+        self.done += 1
+        text = "".join(s.text for s in segments).strip()
+        return Transcript(text, "en", 1.0, len(audio) / RATE, segments, self.delays[n] if n < len(self.delays) else 0)
+
+
+def block(word: int, seconds: float = 1.0) -> np.ndarray:
+    return np.full(int(RATE * seconds), 0.1 * word, dtype=np.float32) * np.sign(np.sin(np.arange(int(RATE * seconds))))
+
+
+def quiet(seconds: float) -> np.ndarray:
+    return np.zeros(int(RATE * seconds), dtype=np.float32)
+
+
+@pytest.fixture
+async def stt_url() -> AsyncIterator[tuple[str, ScriptedTranscriber]]:
+    engine = ScriptedTranscriber(delays=[0.3, 0.6])  # the first decode finishes first
+    app = create_app(SttSettings(commit_after_s=4.0), engine=engine)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield f"ws://127.0.0.1:{port}/ws", engine
+    server.should_exit = True
+    await task
+
+
+async def send(ws: websockets.ClientConnection, audio: np.ndarray) -> None:
+    """In 20 ms frames, as a microphone sends them (the quiet detection works per frame)."""
+    pcm = float32_to_pcm16(audio)
+    for i in range(0, len(pcm), 640):
+        await ws.send(pcm[i : i + 640])
+
+
+@pytest.mark.timeout(30)
+async def test_a_decode_that_commits_late_never_makes_the_final_repeat_words(stt_url) -> None:
+    """Decodes A (of 4.1 s) and B (of 5.6 s) run at once; A finishes first and commits "one two"; B,
+    started before that commit, finishes later with "one two three four". B's text repeats the
+    committed words: shown or reused as the final, the user would read "one two one two three four"."""
+    url, engine = stt_url
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"type": "start", "interim": False}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+        gap = quiet(0.04)  # too short for an eager decode, long enough to part the words
+        first = np.concatenate([block(1, 1.3), gap, block(2, 1.3), gap, block(3, 1.3), quiet(0.1)])
+        await send(ws, first)  # the quiet after "three" starts eager decode A
+        while engine.calls < 1:
+            await asyncio.sleep(0.01)
+        await send(ws, np.concatenate([quiet(0.4), block(4), quiet(0.1)]))  # eager decode B
+        interim = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert interim["audio_ms"] == 4080  # A, which committed "one two"
+        while engine.done < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # B has finished too
+        await send(ws, quiet(0.3))
+        await ws.send(json.dumps({"type": "stop"}))
+        final = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert final["type"] == "final" and final["text"].split() == ["one", "two", "three", "four"], final
+    assert engine.calls == 3  # B was stale: what A left uncommitted was decoded again
