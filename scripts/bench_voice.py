@@ -3,25 +3,29 @@ browser would, against all five real services with the embedded models.
 
 Voice-to-voice latency = first reply audio frame received by the client - end of the user's speech
 (the last loud 20 ms frame of the clip, on the client's clock). The per-stage breakdown comes from
-main-app's metrics event, measured from the VAD's end-of-speech mark on main-app's clock.
+main-app's metrics event, measured from the end of the user's turn on main-app's clock (negative: a
+speculative reply was ready before the turn ended). With --pause-ms, a pause is inserted mid-sentence
+(at a word gap) and the cut-off rate counts turns answered before the user had finished.
 
-    python scripts/bench_voice.py [--sessions 1 2 4] [--turns 5]
+    python scripts/bench_voice.py [--sessions 1 2 4] [--turns 5] [--pause-ms 600]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import time
 
+import httpx
 import numpy as np
 from _bench import median, pct, say, services
 from main_app.client import VoiceClient
 from voice_common.audio import float32_to_pcm16, load_mono
 
-from tests.helpers import librivox_clips, silence
+from tests.helpers import librivox_clips, silence, with_pause
 
-STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_sent_ms")
+STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_sent_ms", "turn_inference_ms")
 
 
 def speech_end_ms(samples: np.ndarray) -> float:
@@ -30,7 +34,7 @@ def speech_end_ms(samples: np.ndarray) -> float:
     return float((loud[-1] + 1) * 20)
 
 
-async def session(url: str, turns: int, offset: int, results: list[dict[str, float]]) -> None:
+async def session(url: str, turns: int, offset: int, pause_ms: int, results: list[dict[str, float]]) -> None:
     clips = librivox_clips()
     client = VoiceClient(url)
     await client.connect()
@@ -38,20 +42,26 @@ async def session(url: str, turns: int, offset: int, results: list[dict[str, flo
         for i in range(turns):
             clip = clips[(offset + i) % len(clips)]
             speech, _ = load_mono(clip.data, 16000)
+            if pause_ms:
+                speech, _ = with_pause(speech, pause_ms)
             lead = 400
             pcm = float32_to_pcm16(np.concatenate([silence(lead), speech, silence(2000)]))
             t_start = time.monotonic()
-            mark = t_start
             sender = asyncio.create_task(client.stream(pcm))
             end_of_speech = t_start + (lead + speech_end_ms(speech)) / 1000
-            done = await client.wait_for("reply_done", 120, after=mark)
-            metrics = await client.wait_for("metrics", 10, after=mark)
+            done = await client.wait_for("reply_done", 120, after=end_of_speech, interrupted=False)
+            metrics = await client.wait_for("metrics", 10, after=done.t)
             await sender
+            cut = any(
+                r.event["type"] == "transcript" and r.event["final"] and t_start <= r.t < end_of_speech
+                for r in client.events
+            )
             turn = done.event["turn"]
             first_audio = client.first_audio_at.get(turn)
             if first_audio is None:
                 continue
-            row = {"v2v_ms": (first_audio - end_of_speech) * 1000}
+            row = {"v2v_ms": (first_audio - end_of_speech) * 1000, "cut": float(cut)}
+            row["speculative"] = float(bool(metrics.event.get("speculative")))
             row.update({k: metrics.event[k] for k in STAGES if metrics.event.get(k) is not None})
             results.append(row)
             await asyncio.sleep(1.0)  # let the reply play out a little before the next question
@@ -59,34 +69,51 @@ async def session(url: str, turns: int, offset: int, results: list[dict[str, flo
         await client.close()
 
 
-def report(n: int, rows: list[dict[str, float]]) -> None:
+def report(n: int, rows: list[dict[str, float]], speculations: dict[str, float]) -> None:
     v2v = [r["v2v_ms"] for r in rows]
     say(f"  {n} session(s), {len(rows)} turns: voice-to-voice median {median(v2v):.0f} ms, p95 {pct(v2v, 0.95):.0f} ms")
     parts = []
     for stage in STAGES:
         values = [r[stage] for r in rows if stage in r]
         parts.append(f"{stage.removesuffix('_ms')} {median(values):.0f}")
-    say(f"      breakdown (median ms after the VAD's end of speech): {', '.join(parts)}")
+    say(f"      breakdown (median ms after the end of the turn): {', '.join(parts)}")
+    cut = sum(r["cut"] for r in rows)
+    hits = sum(r["speculative"] for r in rows)
+    thrown = speculations.get("miss", 0) + speculations.get("dropped", 0)
+    say(
+        f"      answered before the user had finished: {cut:.0f} of {len(rows)}; speculative replies used "
+        f"{hits:.0f} of {len(rows)}, thrown away {thrown:.0f} ({speculations.get('wasted_tokens', 0):.0f} tokens)"
+    )
+
+
+async def speculation_counts(app_url: str) -> dict[str, float]:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{app_url}/metrics")).text
+    return {m[0]: float(m[1]) for m in re.findall(r'^voice_speculations_total\{result="(\w+)"\} (\S+)', text, re.M)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--pause-ms", type=int, default=0, help="insert a pause mid-sentence (cut-off test)")
     args = parser.parse_args()
     say("Voice-to-voice benchmark (all five services, embedded models, this machine)")
     with services("vad", "stt", "tts", "llm") as procs:
         env = {f"APP_{k.upper()}_URL": p.url for k, p in procs.items()}
         with services("main-app", APP_DATA_DIR="data/bench", **env) as app:
-            url = app["main-app"].url.replace("http", "ws") + "/ws"
+            app_url = app["main-app"].url
+            url = app_url.replace("http", "ws") + "/ws"
             for n in args.sessions:
                 rows: list[dict[str, float]] = []
 
-                async def run(n: int = n, rows: list[dict[str, float]] = rows) -> None:
-                    await asyncio.gather(*(session(url, args.turns, i, rows) for i in range(n)))
+                async def run(n: int = n, rows: list[dict[str, float]] = rows) -> dict[str, float]:
+                    before = await speculation_counts(app_url)
+                    await asyncio.gather(*(session(url, args.turns, i, args.pause_ms, rows) for i in range(n)))
+                    after = await speculation_counts(app_url)
+                    return {k: v - before.get(k, 0) for k, v in after.items()}
 
-                asyncio.run(run())
-                report(n, rows)
+                report(n, rows, asyncio.run(run()))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class Session(StreamHandler[BrowserEvent]):
         self.turns = 0
         self.reply: Reply | None = None  # the newest reply (it may be over)
         self.speculation: tuple[str, Reply] | None = None  # a held reply to an eager transcript
+        self.eager: str | None = None  # the STT's eager transcript of the utterance in progress
+        self.paused = False  # the VAD's turn model heard the user pause since
         self.previous: Reply | None = None  # the one before: its playback report may still come
 
     # --- browser events ---------------------------------------------------------------------------
@@ -125,19 +127,36 @@ class Session(StreamHandler[BrowserEvent]):
     # --- turn-taking (called by SpeechInput) ------------------------------------------------------
 
     async def user_speaking(self) -> None:
+        self.eager, self.paused = None, False
         await self.drop_speculation("the user went on")
         if self.reply is not None:
             await self.reply.interrupt()  # barge-in
 
     async def user_saying(self, text: str, eager: bool) -> None:
+        """Speculation policy: start on the eager transcript once the VAD's turn model has heard a pause
+        (so not on every short gap between words); drop it as soon as the transcript changes."""
         if self.speculation is not None and words(text) != words(self.speculation[0]):
             await self.drop_speculation("the transcript changed")
-        if eager and self.speculation is None and self.settings.speculate and words(text):
-            if self.reply is not None and (self.reply.active or self.reply.is_echo(text)):
-                return
-            await self.speculate(text)
+        if eager:
+            self.eager = text
+        elif self.eager is not None and words(text) != words(self.eager):
+            self.eager, self.paused = None, False  # the user went on after the pause
+        await self.maybe_speculate()
+
+    async def user_paused(self, complete: bool) -> None:
+        self.paused = True
+        await self.maybe_speculate()
+
+    async def maybe_speculate(self) -> None:
+        text = self.eager
+        if not (self.settings.speculate and self.paused and text and words(text)) or self.speculation is not None:
+            return
+        if self.reply is not None and (self.reply.active or self.reply.is_echo(text)):
+            return
+        await self.speculate(text)
 
     async def user_said(self, text: str, ended_at: float) -> None:
+        self.eager, self.paused = None, False
         if self.reply is not None and self.reply.is_echo(text):
             logger.info("session %s: dropped an echo of the assistant: %r", self.conversation_id, text)
             await self.drop_speculation("an echo")

@@ -50,6 +50,9 @@ class TurnTaker(Protocol):
     async def user_saying(self, text: str, eager: bool) -> None:
         """An interim transcript; `eager`: decoded at the first quiet, so probably the final one."""
 
+    async def user_paused(self, complete: bool) -> None:
+        """The user has been silent a moment; the turn model thinks the turn is `complete` (or not)."""
+
     async def user_said(self, text: str, ended_at: float) -> None:
         """A final transcript with words in it; `ended_at` is the monotonic end of the speech."""
 
@@ -177,6 +180,8 @@ class SpeechInput:
             self.speech_end = time.monotonic() - max(0.0, self.received_ms - t) / 1000
             await self.end_utterance()
         elif isinstance(event, TurnEnd):
+            self.turn_end = event
+            await self.turns.user_paused(event.complete)
             logger.debug(
                 "turn model: p=%.2f complete=%s in %.0f ms", event.probability, event.complete, event.inference_ms
             )

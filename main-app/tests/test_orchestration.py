@@ -18,7 +18,16 @@ from main_app.reply import LLM_DOWN_REPLY, Reply, ReplyContext, ReplyState, is_e
 from main_app.services import ServiceError
 from main_app.settings import AppSettings
 from main_app.store import Store
-from voice_common.protocol import Event, Interim, SpeechStarted, SpeechStopped, Stop, SttStart, TtsText
+from voice_common.protocol import (
+    Event,
+    Interim,
+    SpeechStarted,
+    SpeechStopped,
+    Stop,
+    SttStart,
+    TtsText,
+    TurnEnd,
+)
 
 from tests.helpers import free_port
 
@@ -52,6 +61,7 @@ class Harness:
             await client.ws.send(FRAME)  # type: ignore[union-attr]
         if eager is not None:
             self.fakes.stts[-1].push(Interim(utterance=1, text=eager, audio_ms=frames * 20, eager=True))
+            vad.push(TurnEnd(t_ms=frames * 20 + 64, probability=0.9, complete=True, inference_ms=50))
             await until(lambda: self.fakes.llm_requests, what="the speculative reply")
             await asyncio.sleep(0.1)  # the turn is not over yet: the reply is generated, held back
         vad.push(SpeechStopped(t_ms=frames * 20, duration_ms=frames * 20))
@@ -473,6 +483,7 @@ async def test_a_speculative_reply_goes_out_when_the_final_matches(harness: Harn
     assert deltas and all(r.t >= final.t for r in deltas)  # nothing before the turn was confirmed
     assert done.event["text"] == harness.fakes.reply and client.audio.get(done.event["turn"])
     assert metrics.event["speculative"] and metrics.event["llm_first_token_ms"] < 0  # ready before the end
+    assert metrics.event["turn_probability"] == 0.9
     stored = [(m["role"], m["content"]) for m in await harness.messages(client)]
     assert stored == [("user", "What is the weather like?"), ("assistant", harness.fakes.reply)]
 
@@ -504,6 +515,9 @@ async def test_a_speculation_is_dropped_when_the_user_goes_on(harness: Harness) 
         stt = harness.fakes.stts[-1]
         await until(lambda: stt.of(SttStart), what="utterance start")
         stt.push(Interim(utterance=1, text="I would like", audio_ms=800, eager=True))
+        await asyncio.sleep(0.1)
+        assert not harness.fakes.llm_requests  # a gap between words is no reason to speculate
+        harness.fakes.vad_stream.push(TurnEnd(t_ms=864, probability=0.2, complete=False, inference_ms=50))
         await until(lambda: harness.fakes.llm_requests, what="the speculative reply")
         stt.push(Interim(utterance=1, text="I would like a coffee", audio_ms=1600))  # after a pause
         await until(lambda: harness.fakes.llm_stopped == 1, what="the speculation stopped")

@@ -73,7 +73,8 @@ class Utterance:
     chunks: list[np.ndarray] = field(default_factory=list)
     offset: int = 0  # committed samples (dropped from `chunks`)
     committed: list[Segment] = field(default_factory=list)
-    last_decode: float = 0.0
+    last_decode: float = 0.0  # monotonic start of the latest interim decode
+    last_decode_s: float = 0.0  # how long the latest decode took
     decodes: list[asyncio.Task[None]] = field(default_factory=list)  # interim decodes in flight
     hypothesis: Hypothesis | None = None
     closed: bool = False
@@ -206,7 +207,10 @@ class SttStream(StreamHandler[SttClientEvent]):
         now = time.monotonic()
         u.decodes = [d for d in u.decodes if not d.done()]
         idle = not u.decodes
-        regular = u.interim and idle and now - u.last_decode >= self.settings.interim_interval_ms / 1000
+        # on a slow machine a decode takes longer than the interval: space interims by twice the last
+        # decode's time, so they never take more than half of the CPU the eager decode and final need
+        interval = max(self.settings.interim_interval_ms / 1000, 2 * u.last_decode_s)
+        regular = u.interim and idle and now - u.last_decode >= interval
         # the eager decode does not wait for a running interim: it is the one the final will likely reuse
         if (regular or u.eager_pending) and u.total - u.offset >= RATE // 4 and self.limiter.free_now():
             if u.eager_pending:
@@ -227,6 +231,7 @@ class SttStream(StreamHandler[SttClientEvent]):
             timestamps=timestamps,
         )
         self.decode_seconds.labels(kind).observe(r.processing_ms / 1000)
+        u.last_decode_s = r.processing_ms / 1000
         logger.debug(
             "utterance %d: %s decode of %.0f ms audio took %.0f ms", u.id, kind, len(audio) / 16, r.processing_ms
         )

@@ -32,7 +32,7 @@ class SegmenterConfig:
     min_speech_ms: int = 250
     probabilities: bool = False
     turn_detection: bool = False
-    turn_check_ms: int = 96
+    turn_check_ms: int = 64
     turn_silence_ms: int = 200
     max_pause_ms: int = 1500
     turn_threshold: float = 0.5

@@ -22,7 +22,7 @@ class VadSettings(ServiceSettings):
         None, description="smart-turn ONNX; default <models_dir>/vad/smart-turn-v3.2-cpu.onnx"
     )
     turn_threshold: float = Field(0.5, gt=0, lt=1, description="turn-complete probability that ends a turn sooner")
-    turn_check_ms: int = Field(96, ge=32, description="silence after which the turn model is asked")
+    turn_check_ms: int = Field(64, ge=32, description="silence after which the turn model is asked")
     turn_silence_ms: int = Field(200, ge=0, description="silence that ends a turn the model calls complete")
     max_pause_ms: int = Field(1500, ge=0, description="silence that ends a turn the model calls incomplete")
 
