@@ -51,9 +51,11 @@ async def test_voice_turn_end_to_end(stack) -> None:
     }
     audio = bytes(client.audio[turn])
     assert len(audio) / 2 / 22050 > 0.5
-    for stage in ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_sent_ms"):
-        assert metrics.event[stage] > 0, metrics.event
-    assert metrics.event["stt_final_ms"] < metrics.event["llm_first_token_ms"] < metrics.event["first_audio_sent_ms"]
+    m = metrics.event
+    assert m["stt_final_ms"] > 0 and m["first_audio_sent_ms"] > m["stt_final_ms"], m
+    # a speculative reply may have had its first token and audio before the turn ended (negative ms)
+    assert m["llm_first_token_ms"] < m["tts_first_audio_ms"] <= m["first_audio_sent_ms"], m
+    assert m["turn_inference_ms"] > 0 and 0 <= m["turn_probability"] <= 1, m
     # the reply audio says the reply text
     async with httpx.AsyncClient(timeout=60) as http:
         r = await http.post(
