@@ -173,11 +173,13 @@ class Reply:
         """Run in a task of the session's group (so it also ends with the connection)."""
         self.task = spawn(self.run())
 
-    async def release(self, t0: float) -> None:
-        """The turn ended as speculated: from now on this is the reply, timed from `t0`."""
-        self.t0 = t0
+    async def release(self, turn: int, t0: float) -> None:
+        """The turn ended as speculated: from now on this is reply `turn`, timed from `t0`."""
+        self.turn, self.t0 = turn, t0
         while self.held_events:  # in order, also what is emitted meanwhile
             event = self.held_events.pop(0)
+            if hasattr(event, "turn"):
+                event.turn = turn
             if self.state is not ReplyState.INTERRUPTED:
                 await self.out.send(event)
         self.released.set()

@@ -178,8 +178,7 @@ class Session(StreamHandler[BrowserEvent]):
         stored = await self.ctx.store.messages(self.conversation_id)
         history = [ChatMessage(role=m["role"], content=m["content"]) for m in stored]
         history.append(ChatMessage(role="user", content=text.strip()))
-        self.turns += 1
-        reply = self.new_reply("voice", time.monotonic(), history=history, held=True)
+        reply = self.new_reply("voice", time.monotonic(), history=history, held=True)  # numbered if confirmed
         self.speculation = (text, reply)
         reply.start(self.spawn)
 
@@ -208,9 +207,10 @@ class Session(StreamHandler[BrowserEvent]):
         assert self.conversation_id is not None
         if self.reply is not None:
             await self.reply.interrupt()
-        await self.ctx.store.add(self.conversation_id, "user", text.strip(), "voice", reply.turn)
+        self.turns += 1
+        await self.ctx.store.add(self.conversation_id, "user", text.strip(), "voice", self.turns)
         self.adopt(reply)
-        await reply.release(t0)
+        await reply.release(self.turns, t0)
 
     def new_reply(self, source: str, t0: float, **kwargs: Any) -> Reply:
         assert self.conversation_id is not None
@@ -223,7 +223,8 @@ class Session(StreamHandler[BrowserEvent]):
             self.ctx.observe,
             self.reply_changed,
         )
-        return Reply(ctx, self.turns, source, t0, self.speak, self.voice, **kwargs)
+        turn = 0 if kwargs.get("held") else self.turns  # a speculation gets its number when confirmed
+        return Reply(ctx, turn, source, t0, self.speak, self.voice, **kwargs)
 
     def adopt(self, reply: Reply) -> None:
         if reply.source == "voice":

@@ -482,6 +482,7 @@ async def test_a_speculative_reply_goes_out_when_the_final_matches(harness: Harn
     deltas = [r for r in client.events if r.event["type"] in ("reply_delta", "audio_start")]
     assert deltas and all(r.t >= final.t for r in deltas)  # nothing before the turn was confirmed
     assert done.event["text"] == harness.fakes.reply and client.audio.get(done.event["turn"])
+    assert done.event["turn"] == 1 and {e["turn"] for e in client.of_type("reply_delta")} == {1}
     assert metrics.event["speculative"] and metrics.event["llm_first_token_ms"] < 0  # ready before the end
     assert metrics.event["turn_probability"] == 0.9
     stored = [(m["role"], m["content"]) for m in await harness.messages(client)]
@@ -502,7 +503,7 @@ async def test_a_wrong_speculation_is_dropped_without_a_trace(harness: Harness) 
     assert harness.fakes.llm_stopped == 1  # the guess was stopped
     assert len(client.of_type("reply_done")) == 1 and len(client.of_type("audio_start")) == 1
     assert "".join(e["text"] for e in client.of_type("reply_delta")) == harness.fakes.reply
-    assert not done.event["interrupted"]
+    assert not done.event["interrupted"] and done.event["turn"] == 1  # a dropped guess uses no turn number
     stored = [(m["role"], m["content"]) for m in await harness.messages(client)]
     assert stored == [("user", "what is the weather like in Paris"), ("assistant", harness.fakes.reply)]
 

