@@ -9,6 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .onnx import onnx_session
 from .turn import SmartTurn, TurnModel
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,7 @@ class SileroOnnx:
     name = "silero-vad-6.2.3"
 
     def __init__(self, path: Path, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run `make models`")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, threads)
         self._sr = np.array(RATE, dtype=np.int64)
 
     def probabilities(self, state: StreamState, samples: np.ndarray) -> list[float]:

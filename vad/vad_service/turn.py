@@ -12,12 +12,13 @@ mel bands up to 8 kHz, log10 with an 8-decade floor, scaled to about [-1, 1]).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from .onnx import onnx_session
 
 RATE = 16000
 SECONDS = 8
@@ -77,18 +78,8 @@ class SmartTurn:
     name = "smart-turn-v3.2"
 
     def __init__(self, path: Path, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run `make models`")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        self.last_ms = 0.0
+        self.session = onnx_session(path, threads)
 
     def complete_probability(self, audio: np.ndarray) -> float:
-        t0 = time.perf_counter()
         (logits,) = self.session.run(None, {"input_features": log_mel(audio)[None]})
-        self.last_ms = (time.perf_counter() - t0) * 1000
         return float(np.asarray(logits).reshape(-1)[0])
