@@ -19,7 +19,7 @@ from voice_common.app import create_service_app
 from voice_common.errors import ApiError
 from voice_common.protocol import ChatMessage, TurnMetrics
 
-from .reply import LLM_DOWN_REPLY, llm_request
+from .reply import LLM_DOWN_REPLY, Generations, llm_request
 from .services import ServiceError, Services, WsServices, check_health
 from .session import Session
 from .settings import AppSettings
@@ -40,6 +40,7 @@ class AppContext:
     stage_seconds: Histogram | None = None
     speculations: Counter | None = None
     http: httpx.AsyncClient = field(default_factory=httpx.AsyncClient)
+    generations: Generations = field(default_factory=Generations)
 
     def speculated(self, result: str, wasted_tokens: int) -> None:
         """hit: the held reply went out; miss / dropped: it was thrown away with its tokens."""

@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from enum import StrEnum
 from typing import Any
@@ -66,6 +66,14 @@ class ReplyState(StrEnum):
 
 
 @dataclass
+class Generations:
+    """How many replies this main-app is generating right now, over all sessions: a speculation is only
+    worth starting when it does not queue behind (or delay) real replies at the LLM."""
+
+    running: int = 0
+
+
+@dataclass
 class ReplyContext:
     """What every reply of a session shares."""
 
@@ -76,6 +84,7 @@ class ReplyContext:
     conversation_id: str
     observe: Callable[[TurnMetrics], None]
     on_state: Callable[[Reply], Awaitable[None]]
+    generations: Generations = field(default_factory=Generations)
 
 
 def llm_request(settings: AppSettings, history: list[ChatMessage]) -> LlmRequest:
@@ -302,6 +311,13 @@ class Reply:
                 self.speak = False
 
     async def generate(self, history: list[ChatMessage], tts: EventStream[TtsServerEvent] | None) -> None:
+        self.ctx.generations.running += 1
+        try:
+            await self.generate_text(history, tts)
+        finally:
+            self.ctx.generations.running -= 1
+
+    async def generate_text(self, history: list[ChatMessage], tts: EventStream[TtsServerEvent] | None) -> None:
         try:
             async for token in self.ctx.services.llm(llm_request(self.settings, history)):
                 self.mark("llm_first_token")

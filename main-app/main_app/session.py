@@ -153,6 +153,8 @@ class Session(StreamHandler[BrowserEvent]):
             return
         if self.reply is not None and (self.reply.active or self.reply.is_echo(text)):
             return
+        if self.ctx.generations.running > self.settings.speculate_max_busy:
+            return  # the LLM is busy with real replies: a guess would only queue behind them, or delay them
         await self.speculate(text)
 
     async def user_said(self, text: str, ended_at: float) -> None:
@@ -222,6 +224,7 @@ class Session(StreamHandler[BrowserEvent]):
             self.conversation_id,
             self.ctx.observe,
             self.reply_changed,
+            self.ctx.generations,
         )
         turn = 0 if kwargs.get("held") else self.turns  # a speculation gets its number when confirmed
         return Reply(ctx, turn, source, t0, self.speak, self.voice, **kwargs)

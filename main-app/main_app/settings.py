@@ -28,6 +28,9 @@ class AppSettings(ServiceSettings):
     turn_detection: bool = Field(True, description="semantic end of turn (the VAD's turn model)")
     turn_silence_ms: int = Field(200, description="silence that ends a turn the turn model calls complete")
     speculate: bool = Field(True, description="start the reply on the eager transcript, before the turn ends")
+    speculate_max_busy: int = Field(
+        0, description="speculate only while at most this many replies are being generated (raise for a parallel LLM)"
+    )
     max_turn_pause_ms: int = Field(1500, description="silence that ends a turn the turn model calls incomplete")
     vad_threshold: float = 0.5
     vad_threshold_speaking: float = Field(0.85, description="echo guard: VAD threshold while the assistant speaks")

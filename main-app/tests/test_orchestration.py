@@ -508,6 +508,25 @@ async def test_a_wrong_speculation_is_dropped_without_a_trace(harness: Harness) 
     assert stored == [("user", "what is the weather like in Paris"), ("assistant", harness.fakes.reply)]
 
 
+async def test_no_speculation_while_the_llm_is_busy_with_another_session(harness: Harness) -> None:
+    harness.fakes.token_delay_s = 0.2
+    other = await harness.client()
+    client = await harness.client()
+    try:
+        await other.send({"type": "text", "text": "A long story, please."})
+        await other.wait_for("reply_delta", 3)
+        harness.fakes.vad_stream.push(SpeechStarted(t_ms=0))
+        stt = harness.fakes.stts[-1]
+        await until(lambda: stt.of(SttStart), what="utterance start")
+        stt.push(Interim(utterance=1, text="what time is it", audio_ms=800, eager=True))
+        harness.fakes.vad_stream.push(TurnEnd(t_ms=864, probability=0.9, complete=True, inference_ms=50))
+        await asyncio.sleep(0.3)
+    finally:
+        await client.close()
+        await other.close()
+    assert [r.messages[-1].content for r in harness.fakes.llm_requests] == ["A long story, please."]
+
+
 async def test_a_speculation_is_dropped_when_the_user_goes_on(harness: Harness) -> None:
     harness.fakes.token_delay_s = 0.05
     client = await harness.client()
