@@ -168,7 +168,7 @@ class Session(StreamHandler[BrowserEvent]):
             self.speculation = None
             if words(guess) == words(text):
                 self.ctx.speculated("hit", 0)
-                await self.confirm_reply(reply, text, ended_at)
+                await self.start_reply(text, "voice", ended_at, speculated=reply)
                 return
             self.ctx.speculated("miss", len(reply.text))
             await reply.discard()
@@ -194,25 +194,19 @@ class Session(StreamHandler[BrowserEvent]):
 
     # --- replies ----------------------------------------------------------------------------------
 
-    async def start_reply(self, text: str, source: str, t0: float) -> None:
+    async def start_reply(self, text: str, source: str, t0: float, speculated: Reply | None = None) -> None:
+        """The user's turn: stored, then answered; by `speculated`, the held reply that guessed it right."""
         assert self.conversation_id is not None
         if self.reply is not None:
             await self.reply.interrupt()
         self.turns += 1
         await self.ctx.store.add(self.conversation_id, "user", text.strip(), source, self.turns)
-        reply = self.new_reply(source, t0)
+        reply = speculated or self.new_reply(source, t0)
         self.adopt(reply)
-        reply.start(self.spawn)
-
-    async def confirm_reply(self, reply: Reply, text: str, t0: float) -> None:
-        """The speculation was right: the user's words are stored, and the held reply goes out."""
-        assert self.conversation_id is not None
-        if self.reply is not None:
-            await self.reply.interrupt()
-        self.turns += 1
-        await self.ctx.store.add(self.conversation_id, "user", text.strip(), "voice", self.turns)
-        self.adopt(reply)
-        await reply.release(self.turns, t0)
+        if speculated is not None:
+            await speculated.release(self.turns, t0)
+        else:
+            reply.start(self.spawn)
 
     def new_reply(self, source: str, t0: float, **kwargs: Any) -> Reply:
         assert self.conversation_id is not None
