@@ -1,5 +1,6 @@
-"""STT benchmark: real-time factor per model on the LibriVox clips, and for the WebSocket path the time
-from `stop` to the final transcript for 2, 5 and 10 s utterances streamed in real time."""
+"""STT benchmark: real-time factor per model on the LibriVox clips; for the WebSocket path the time from
+`stop` to the final transcript for 2, 5 and 10 s utterances streamed in real time, and the word error
+rate of the streamed finals against REST on the same audio."""
 
 from __future__ import annotations
 
@@ -27,18 +28,18 @@ def rtf(model: str) -> tuple[float, float, float]:
     return seconds / duration, duration, corpus_wer(pairs)
 
 
-async def stop_to_final(url: str, pcm: bytes) -> float:
+async def stop_to_final(url: str, pcm: bytes) -> tuple[float, str]:
     import websockets
 
     async with websockets.connect(url.replace("http", "ws") + "/ws") as ws:
         await ws.send(json.dumps({"type": "start"}))
         await ws.recv()
 
-        async def drain() -> float:
+        async def drain() -> tuple[float, str]:
             while True:
                 ev = json.loads(await ws.recv())
                 if ev["type"] == "final":
-                    return time.perf_counter()
+                    return time.perf_counter(), str(ev["text"])
 
         reader = asyncio.create_task(drain())
         t0 = time.perf_counter()
@@ -47,7 +48,23 @@ async def stop_to_final(url: str, pcm: bytes) -> float:
             await asyncio.sleep(max(0.0, t0 + (i + 640) / 32000 - time.perf_counter()))
         stop = time.perf_counter()
         await ws.send(json.dumps({"type": "stop"}))
-        return (await reader - stop) * 1000
+        at, text = await reader
+        return (at - stop) * 1000, text
+
+
+def streamed_vs_rest(url: str) -> tuple[float, float]:
+    """Corpus WER of the five clips streamed in real time (with interims), and of REST on the same audio."""
+    import httpx
+    from voice_common.audio import encode_wav, pcm16_to_float32
+
+    streamed, rest = [], []
+    for clip in librivox_clips():
+        pcm = float32_to_pcm16(np.concatenate([load_mono(clip.data, 16000)[0], silence(330)]))
+        streamed.append((clip.text, asyncio.run(stop_to_final(url, pcm))[1]))
+        wav = encode_wav(pcm16_to_float32(pcm), 16000)
+        text = httpx.post(f"{url}/transcribe", files={"file": ("a.wav", wav)}, timeout=60).json()["text"]
+        rest.append((clip.text, text))
+    return corpus_wer(streamed), corpus_wer(rest)
 
 
 def utterance(seconds: float) -> bytes:
@@ -64,11 +81,13 @@ def main() -> None:
     with services("stt") as procs:
         url = procs["stt"].url
         for seconds in (2, 5, 10):
-            runs = [asyncio.run(stop_to_final(url, utterance(seconds))) for _ in range(3)]
+            runs = [asyncio.run(stop_to_final(url, utterance(seconds)))[0] for _ in range(3)]
             say(
                 f"  WebSocket stop -> final, {seconds:2d} s utterance: median {median(runs):.0f} ms "
                 f"(runs: {', '.join(f'{r:.0f}' for r in runs)})"
             )
+        streamed, rest = streamed_vs_rest(url)
+        say(f"  WER of the five clips: streamed in real time {streamed:.1%}, REST on the same audio {rest:.1%}")
 
 
 if __name__ == "__main__":
