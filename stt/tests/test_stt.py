@@ -232,5 +232,7 @@ def test_multilingual_model_detects_the_language(start_service, tmp_path) -> Non
         info = client.get(f"{base.url}/info").json()
     assert info["model"] == "whisper-base" and info["multilingual"] is True
     assert fr["language"] == "fr" and fr["language_probability"] > 0.5, fr
-    assert "table" in fr["text"].lower()
+    # espeak's French is hard for whisper-base: greedy decoding fails its quality checks and the temperature
+    # fallback samples, so the words vary run to run (on some CPUs "table" is never heard); "soir" is stable
+    assert "soir" in fr["text"].lower(), fr
     assert en["language"] == "en" and "table" in en["text"].lower()
