@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import WebSocket
 from voice_common.audio import AudioError, AudioFormat
@@ -57,6 +57,7 @@ class Session(StreamHandler[BrowserEvent]):
         self.settings = ctx.settings
         self.out = Outbox(self.send, self.send_audio)
         self.conversation_id: str | None = None
+        self.replies: ReplyContext | None = None  # what every reply of this session shares, once started
         self.speech: SpeechInput | None = None
         self.speak = True
         self.voice: str | None = None
@@ -109,6 +110,10 @@ class Session(StreamHandler[BrowserEvent]):
             await self.out.error("main-app", exc.code, exc.message)
             return
         self.conversation_id, self.speak, self.voice = cid, start.speak, start.voice
+        c = self.ctx
+        self.replies = ReplyContext(
+            c.services, c.store, self.out, self.settings, cid, c.observe, self.reply_changed, c.generations
+        )
         history = await self.ctx.store.messages(cid)
         output = AudioFormat(rate=self.settings.output_sample_rate)
         await self.out.send(SessionReady(conversation_id=cid, history=history, output_format=output))
@@ -208,20 +213,10 @@ class Session(StreamHandler[BrowserEvent]):
         else:
             reply.start(self.spawn)
 
-    def new_reply(self, source: str, t0: float, **kwargs: Any) -> Reply:
-        assert self.conversation_id is not None
-        ctx = ReplyContext(
-            self.ctx.services,
-            self.ctx.store,
-            self.out,
-            self.settings,
-            self.conversation_id,
-            self.ctx.observe,
-            self.reply_changed,
-            self.ctx.generations,
-        )
-        turn = 0 if kwargs.get("held") else self.turns  # a speculation gets its number when confirmed
-        return Reply(ctx, turn, source, t0, self.speak, self.voice, **kwargs)
+    def new_reply(self, source: str, t0: float, history: list[ChatMessage] | None = None, held: bool = False) -> Reply:
+        assert self.replies is not None
+        turn = 0 if held else self.turns  # a speculation gets its number when confirmed
+        return Reply(self.replies, turn, source, t0, self.speak, self.voice, history=history, held=held)
 
     def adopt(self, reply: Reply) -> None:
         if reply.source == "voice":
