@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -227,12 +228,16 @@ def test_multilingual_model_detects_the_language(start_service, tmp_path) -> Non
     )
     english = espeak_wav("Good morning, I would like to book a table for two.", tmp_path / "en.wav")
     with httpx.Client(timeout=120) as client:
-        fr = client.post(f"{base.url}/transcribe", files={"file": ("fr.wav", french.read_bytes())}).json()
+        # temperature 0: greedy decoding only, so the words do not depend on the fallback's random sampling
+        fr = client.post(
+            f"{base.url}/transcribe", files={"file": ("fr.wav", french.read_bytes())}, data={"temperature": "0"}
+        ).json()
         en = client.post(f"{base.url}/transcribe", files={"file": ("en.wav", english.read_bytes())}).json()
         info = client.get(f"{base.url}/info").json()
     assert info["model"] == "whisper-base" and info["multilingual"] is True
     assert fr["language"] == "fr" and fr["language_probability"] > 0.5, fr
-    # espeak's French is hard for whisper-base: greedy decoding fails its quality checks and the temperature
-    # fallback samples, so the words vary run to run (on some CPUs "table" is never heard); "soir" is stable
-    assert "soir" in fr["text"].lower(), fr
+    # espeak's French is hard for whisper-base and its int8 kernels differ by CPU, so no single word is heard on
+    # every machine; a French transcript of this sentence has several of these words, an English one none
+    words = set(re.findall(r"\w+", fr["text"].lower()))
+    assert len(words & {"bonjour", "je", "voudrais", "table", "pour", "deux", "personnes", "soir"}) >= 2, fr
     assert en["language"] == "en" and "table" in en["text"].lower()
