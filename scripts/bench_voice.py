@@ -7,7 +7,9 @@ main-app's metrics event, measured from the end of the user's turn on main-app's
 speculative reply was ready before the turn ended). With --pause-ms, a pause is inserted mid-sentence
 (at a word gap) and the cut-off rate counts turns answered before the user had finished.
 
-    python scripts/bench_voice.py [--sessions 1 2 4] [--turns 5] [--pause-ms 600]
+Sessions start `--stagger-s` apart (real users do not speak in lockstep).
+
+    python scripts/bench_voice.py [--sessions 1 2 4] [--turns 5] [--pause-ms 600] [--stagger-s 1.5]
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ def speech_end_ms(samples: np.ndarray) -> float:
     return float((loud[-1] + 1) * 20)
 
 
-async def session(url: str, turns: int, offset: int, pause_ms: int, results: list[dict[str, float]]) -> None:
+async def session(
+    url: str, turns: int, offset: int, pause_ms: int, results: list[dict[str, float]], delay_s: float = 0.0
+) -> None:
+    await asyncio.sleep(delay_s)
     clips = librivox_clips()
     client = VoiceClient(url)
     await client.connect()
@@ -69,9 +74,12 @@ async def session(url: str, turns: int, offset: int, pause_ms: int, results: lis
         await client.close()
 
 
-def report(n: int, rows: list[dict[str, float]], speculations: dict[str, float]) -> None:
+def report(n: int, turns: int, rows: list[dict[str, float]], speculations: dict[str, float]) -> None:
     v2v = [r["v2v_ms"] for r in rows]
-    say(f"  {n} session(s), {len(rows)} turns: voice-to-voice median {median(v2v):.0f} ms, p95 {pct(v2v, 0.95):.0f} ms")
+    say(
+        f"  {n} session(s), {len(rows)} of {n * turns} turns answered: voice-to-voice median {median(v2v):.0f} ms, "
+        f"p95 {pct(v2v, 0.95):.0f} ms"
+    )
     parts = []
     for stage in STAGES:
         values = [r[stage] for r in rows if stage in r]
@@ -97,6 +105,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--pause-ms", type=int, default=0, help="insert a pause mid-sentence (cut-off test)")
+    parser.add_argument("--stagger-s", type=float, default=1.5, help="seconds between the sessions' starts")
     args = parser.parse_args()
     say("Voice-to-voice benchmark (all five services, embedded models, this machine)")
     with services("vad", "stt", "tts", "llm") as procs:
@@ -109,11 +118,13 @@ def main() -> None:
 
                 async def run(n: int = n, rows: list[dict[str, float]] = rows) -> dict[str, float]:
                     before = await speculation_counts(app_url)
-                    await asyncio.gather(*(session(url, args.turns, i, args.pause_ms, rows) for i in range(n)))
+                    await asyncio.gather(
+                        *(session(url, args.turns, i, args.pause_ms, rows, i * args.stagger_s) for i in range(n))
+                    )
                     after = await speculation_counts(app_url)
                     return {k: v - before.get(k, 0) for k, v in after.items()}
 
-                report(n, rows, asyncio.run(run()))
+                report(n, args.turns, rows, asyncio.run(run()))
 
 
 if __name__ == "__main__":

@@ -40,12 +40,14 @@ function connect() {
     speak: $("speak").checked, voice: $("voice").value || null,
   });
   ws.onmessage = (e) => (typeof e.data === "string" ? onEvent(JSON.parse(e.data)) : onAudio(e.data));
-  ws.onclose = () => {
+  ws.onclose = (e) => {
     state.connected = false;
     if (state.ws !== ws) return;
     const delay = Math.min(10000, 500 * 2 ** state.retry++);
-    setStatus("down", "disconnected");
-    banner(`Can't reach the server. Retrying in ${Math.round(delay / 1000)} s…`);
+    const busy = e.code === 1013; // the server is at its session limit (or still loading): try again later
+    setStatus("down", busy ? "busy" : "disconnected");
+    banner(busy ? `The assistant is busy with other conversations. Retrying in ${Math.round(delay / 1000)} s…`
+      : `Can't reach the server. Retrying in ${Math.round(delay / 1000)} s…`);
     setTimeout(connect, delay);
   };
 }

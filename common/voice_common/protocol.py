@@ -261,6 +261,9 @@ class GenerateRequest(BaseModel):
     system_prompt: str | None = Field(
         None, description="replaces the service's voice system prompt when the messages carry none"
     )
+    priority: float = Field(
+        0.0, ge=0, description="scheduling priority when generations queue (voice_common.limits): 0 = someone waits"
+    )
 
 
 class LlmRequest(Event, GenerateRequest):

@@ -30,8 +30,9 @@ from voice_common.protocol import (
 )
 from voice_common.streams import StreamHandler
 
-from .backends import Backend, EmbeddedBackend, OllamaBackend, OpenAIBackend
+from .backends import Backend, EmbeddedBackend, LlamaServerBackend, OllamaBackend, OpenAIBackend
 from .generation import generate
+from .llama_server import LlamaServer, default_binary
 from .settings import LlmSettings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,18 @@ def build_backend(settings: LlmSettings) -> Backend:
         return OpenAIBackend(
             settings.openai_base_url, settings.openai_api_key, settings.openai_model, settings.connect_timeout_s
         )
+    if settings.backend == "llama-server":
+        path = settings.resolved_model_path
+        server = LlamaServer(
+            settings.server_binary or default_binary(),
+            path,
+            alias=path.stem,
+            parallel=settings.parallel,
+            ctx_per_slot=settings.context_tokens,
+            threads=settings.threads,
+            port=settings.server_port,
+        )
+        return LlamaServerBackend(server, path.stem, settings.system_prompt)
     return EmbeddedBackend(
         settings.resolved_model_path, settings.threads, settings.context_tokens, settings.system_prompt
     )
@@ -108,6 +121,8 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
         backend = app.state.slot.engine
         if backend is None or settings.backend == "embedded":
             return {"backend": settings.backend}
+        if isinstance(backend, LlamaServerBackend):
+            return {"backend": settings.backend, **backend.health()}
         try:
             models = await asyncio.wait_for(backend.models(), 3)
             return {
@@ -126,14 +141,14 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
         info=lambda e: {
             "backend": settings.backend,
             "model": getattr(e, "model", None),
-            "device": "cpu" if settings.backend == "embedded" else "remote",
+            "device": "cpu" if settings.backend in ("embedded", "llama-server") else "remote",
             "base_url": getattr(e, "base_url", None),
-            "max_concurrent": settings.max_concurrent,
+            "max_concurrent": settings.concurrency,
         },
         health=backend_health,
         stream=lambda socket, backend: LlmStream(socket, lambda req: run(backend, req)),
     )
-    limiter = Limiter(settings.max_concurrent, settings.max_queue)
+    limiter = Limiter(settings.concurrency, settings.max_queue)
     reg = app.state.registry
     first_token = Histogram("llm_first_token_seconds", "time to first token", registry=reg)
     tokens_out = Counter("llm_streamed_tokens", "tokens sent to clients", registry=reg)

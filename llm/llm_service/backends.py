@@ -1,7 +1,8 @@
 """LLM backends behind one small interface: stream chunks for a chat, stop when the consumer stops.
 
 Closing the async iterator (the client cancelled or went away) stops generation at the backend:
-embedded -> a flag checked between tokens; ollama / openai -> the HTTP stream is closed.
+embedded -> a flag checked between tokens; llama-server / ollama / openai -> the HTTP stream is closed
+(llama-server frees the slot at once).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from voice_common.errors import ApiError
+
+if TYPE_CHECKING:
+    from .llama_server import LlamaServer
 
 logger = logging.getLogger(__name__)
 
@@ -257,3 +261,40 @@ class OpenAIBackend:
             raise
         except Exception as exc:
             raise self._error(exc) from None
+
+
+class LlamaServerBackend(OpenAIBackend):
+    """llama.cpp's server as a child process (`llama_server.LlamaServer`): several generations at once,
+    batched, each conversation's prompt kept in a slot's cache. Spoken to over its OpenAI API."""
+
+    name = "llama-server"
+
+    def __init__(self, server: LlamaServer, model: str, warmup_system_prompt: str | None = None) -> None:
+        server.start()
+        super().__init__(f"{server.url}/v1", "unused", model, connect_timeout=2.0)
+        self.server = server
+        if warmup_system_prompt:  # the system prompt is in a slot's cache before the first user speaks
+            import httpx
+
+            messages = [{"role": "system", "content": warmup_system_prompt}, {"role": "user", "content": "Hi"}]
+            httpx.post(
+                f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=120
+            ).raise_for_status()
+
+    def _error(self, exc: Exception) -> BackendError:
+        import openai
+
+        if isinstance(exc, openai.APIConnectionError | openai.InternalServerError) and not self.server.alive():
+            return BackendError("backend_unreachable", "the local llama-server is restarting", 503)
+        return super()._error(exc)
+
+    def health(self) -> dict[str, Any]:
+        proc = self.server.proc
+        return {
+            "server_alive": self.server.alive(),
+            "server_restarts": self.server.restarts,
+            "server_pid": proc.pid if proc else None,
+        }
+
+    def close(self) -> None:
+        self.server.stop()

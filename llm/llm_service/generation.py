@@ -39,7 +39,7 @@ async def generate(
 ) -> AsyncIterator[Token | LlmDone]:
     """Token events, then one done event. Closing the iterator stops the backend."""
     messages = prepare(req, settings)
-    async with limiter.slot():
+    async with limiter.slot(req.priority):
         t0 = time.perf_counter()
         first: float | None = None
         usage = Usage()

@@ -17,16 +17,28 @@ class LlmSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LLM_")
 
     port: int = 3004
-    backend: Literal["embedded", "ollama", "openai"] = "embedded"
+    backend: Literal["llama-server", "embedded", "ollama", "openai"] = Field(
+        "llama-server",
+        description="llama-server: llama.cpp's server as a child process, several conversations batched (built "
+        "by `make llama-server`); embedded: llama.cpp in-process, one generation at a time; ollama / openai: a "
+        "remote server",
+    )
     system_prompt: str = VOICE_SYSTEM_PROMPT
     context_tokens: int = Field(2048, description="history is trimmed to this minus max_tokens")
     default_max_tokens: int = 256
-    max_concurrent: int = 1
+    max_concurrent: int | None = Field(
+        None,
+        description="generations at once (more wait, the most urgent first); default: parallel for "
+        "llama-server, 1 for embedded, 8 for a remote server",
+    )
     max_queue: int = 8
     first_token_timeout_s: float = 30.0
-    # embedded (llama.cpp in-process)
+    # llama-server and embedded (llama.cpp on this machine)
     model_path: Path | None = Field(None, description="GGUF file; default the bundled Qwen2.5 0.5B")
     threads: int = 2
+    parallel: int = Field(4, description="llama-server slots: conversations generated at once, batched")
+    server_binary: Path | None = Field(None, description="llama-server executable; default the one `make` builds")
+    server_port: int = Field(0, description="llama-server's port on 127.0.0.1; 0 = any free port")
     # ollama
     ollama_base_url: str = Field("http://localhost:11434", validation_alias="OLLAMA_BASE_URL")
     ollama_model: str = "qwen3:14b"
@@ -37,6 +49,12 @@ class LlmSettings(ServiceSettings):
     openai_base_url: str = "http://localhost:8080/v1"
     openai_api_key: str = "unused"
     openai_model: str = "default"
+
+    @property
+    def concurrency(self) -> int:
+        if self.max_concurrent is not None:
+            return self.max_concurrent
+        return {"llama-server": self.parallel, "embedded": 1}.get(self.backend, 8)
 
     @property
     def resolved_model_path(self) -> Path:

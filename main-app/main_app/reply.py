@@ -28,6 +28,7 @@ from typing import Any
 
 from voice_common.audio import AudioFormat
 from voice_common.chat import trim_history
+from voice_common.limits import BACKGROUND, URGENT
 from voice_common.protocol import (
     ChatMessage,
     Done,
@@ -87,12 +88,13 @@ class ReplyContext:
     generations: Generations = field(default_factory=Generations)
 
 
-def llm_request(settings: AppSettings, history: list[ChatMessage]) -> LlmRequest:
+def llm_request(settings: AppSettings, history: list[ChatMessage], speculative: bool) -> LlmRequest:
     return LlmRequest(
         messages=trim_history(history, settings.history_tokens),
         max_tokens=settings.max_reply_tokens,
         temperature=settings.temperature,
         system_prompt=settings.system_prompt,
+        priority=BACKGROUND if speculative else URGENT,  # a guess waits behind replies someone waits for
     )
 
 
@@ -319,7 +321,7 @@ class Reply:
 
     async def generate_text(self, history: list[ChatMessage], tts: EventStream[TtsServerEvent] | None) -> None:
         try:
-            async for token in self.ctx.services.llm(llm_request(self.settings, history)):
+            async for token in self.ctx.services.llm(llm_request(self.settings, history, self.speculative)):
                 self.mark("llm_first_token")
                 if self.state is ReplyState.PENDING:
                     await self.set_state(ReplyState.GENERATING)

@@ -25,7 +25,7 @@ from fastapi import WebSocket
 from prometheus_client import Histogram
 from voice_common.audio import AudioError, AudioFormat, StreamResampler, pcm_to_mono_float
 from voice_common.errors import ApiError
-from voice_common.limits import Limiter
+from voice_common.limits import BACKGROUND, URGENT, Limiter
 from voice_common.protocol import (
     Cancel,
     Cancelled,
@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 SERVICE = "stt"
 SILENT_RMS = 0.01  # -40 dBFS: a tail this quiet adds no words
 EAGER_SILENCE_MS = 60
+EAGER = 1.0  # scheduling priority (voice_common.limits): after finals, before interims
 
 
 @dataclass
@@ -218,7 +219,7 @@ class SttStream(StreamHandler[SttClientEvent]):
             eager, u.last_decode, u.eager_pending = u.eager_pending, now, False
             u.decodes.append(self.spawn(self.interim(u, eager)))
 
-    async def decode(self, u: Utterance, kind: str) -> Hypothesis:
+    async def decode(self, u: Utterance, kind: str, priority: float) -> Hypothesis:
         audio, offset = u.audio().copy(), u.offset
         # timestamps are only needed to commit segments of long utterances; short ones decode faster without
         timestamps = len(audio) / RATE >= self.settings.commit_after_s
@@ -229,6 +230,7 @@ class SttStream(StreamHandler[SttClientEvent]):
             prompt=u.prompt_text(),
             temperature=0.0,
             timestamps=timestamps,
+            priority=priority,
         )
         self.decode_seconds.labels(kind).observe(r.processing_ms / 1000)
         u.last_decode_s = r.processing_ms / 1000
@@ -252,7 +254,8 @@ class SttStream(StreamHandler[SttClientEvent]):
         An eager decode (at the first quiet) is announced even without interims: it is the likely final,
         so a client may start its reply on it."""
         try:
-            hyp = await self.decode(u, "interim")
+            # the eager decode is the likely final: it goes before other streams' interims
+            hyp = await self.decode(u, "interim", EAGER if eager else BACKGROUND)
         except ApiError:
             return
         if hyp.offset != u.offset:
@@ -281,7 +284,7 @@ class SttStream(StreamHandler[SttClientEvent]):
                 u.total,
             )
             try:
-                hyp = await self.decode(u, "final")
+                hyp = await self.decode(u, "final", URGENT)
             except ApiError as exc:
                 await self.error(exc.code, exc.message)
                 return

@@ -17,8 +17,9 @@ from pydantic import BaseModel, Field
 from voice_common.app import create_service_app, engine_of
 from voice_common.audio import encode_audio, float32_to_pcm16, resample
 from voice_common.errors import ApiError
+from voice_common.limits import URGENT, Limiter
 
-from .engine import PiperEngine, Synthesizer
+from .engine import PiperEngine, Scheduler, Synthesizer
 from .settings import TtsSettings
 from .streaming import TtsStream
 from .text import clean_for_speech, split_sentences
@@ -71,9 +72,10 @@ def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None =
             "audio_format": {"rate": settings.sample_rate or "voice", "width": 2, "channels": 1},
             "device": settings.device,
         },
-        stream=lambda socket, engine: TtsStream(socket, engine, settings, synth_seconds),
+        stream=lambda socket, engine: TtsStream(socket, engine, settings, scheduler),
     )
     synth_seconds = Histogram("tts_synthesis_seconds", "time to synthesize one sentence", registry=app.state.registry)
+    scheduler = Scheduler(Limiter(settings.max_concurrent, settings.max_queue), synth_seconds)
 
     def check_text(text: str) -> str:
         if not text.strip():
@@ -88,9 +90,9 @@ def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None =
         engine: Synthesizer, text: str, voice: str, speed: float, rate: int
     ) -> AsyncIterator[np.ndarray]:
         src = engine.voices[voice].sample_rate
-        for sentence in split_sentences(text, eager_first=True):  # a short first piece: audio starts sooner
-            with synth_seconds.time():
-                parts = await asyncio.to_thread(engine.synthesize, sentence, voice, speed)
+        # a short first piece: audio starts sooner. A REST caller waits for every piece, so each is urgent.
+        for sentence in split_sentences(text, eager_first=True):
+            parts = await scheduler.synthesize(engine, sentence, voice, speed, URGENT)
             for part in parts:
                 yield resample(part, src, rate)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from prometheus_client import Histogram
 from voice_common.errors import ApiError
+from voice_common.limits import Limiter
 
 OPENAI_VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"}
 
@@ -38,9 +42,28 @@ class Synthesizer(Protocol):
 
     def resolve(self, alias: str | None) -> str: ...
 
-    def synthesize(self, text: str, voice: str, speed: float = 1.0) -> list[np.ndarray]:
-        """Mono float32 at the voice's rate, one array per sentence piper found in `text`."""
+    def synthesize(self, text: str, voice: str, speed: float = 1.0, alone: bool = False) -> list[np.ndarray]:
+        """Mono float32 at the voice's rate, one array per sentence piper found in `text`. `alone`: no
+        other synthesis runs, so this one may use every core it was configured for (see `Scheduler`)."""
         ...
+
+
+class Scheduler:
+    """Every synthesis of the service goes through here: at most `limiter.concurrent` at once, the most
+    urgent first (voice_common.limits' policy), and a synthesis that runs alone may use every core while
+    concurrent ones get one each, so a lone reply is as fast as the machine allows and many share it
+    without oversubscribing."""
+
+    def __init__(self, limiter: Limiter, seconds: Histogram) -> None:
+        self.limiter = limiter
+        self.seconds = seconds
+
+    async def synthesize(
+        self, engine: Synthesizer, text: str, voice: str, speed: float, priority: float
+    ) -> list[np.ndarray]:
+        async with self.limiter.slot(priority):
+            with self.seconds.time():
+                return await asyncio.to_thread(engine.synthesize, text, voice, speed, self.limiter.alone)
 
 
 def _voice_info(config_path: Path) -> VoiceInfo:
@@ -71,32 +94,34 @@ class PiperEngine:
         if not self.voices:
             raise FileNotFoundError(f"no piper voices (*.onnx + *.onnx.json) in {voices_dir}: run `make models`")
         self.default_voice = default_voice if default_voice in self.voices else next(iter(self.voices))
-        self.threads = threads
+        self.threads = threads or os.cpu_count() or 1
         self.length_scale = length_scale
         self.noise_scale = noise_scale
         self.noise_w_scale = noise_w_scale
         self.providers = (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         )
-        self._loaded: dict[str, Any] = {}
+        self._loaded: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
-        self._load(self.default_voice)
+        for n in {1, self.threads}:
+            self._load(self.default_voice, n)
 
-    def _load(self, name: str) -> Any:
+    def _load(self, name: str, threads: int) -> Any:
+        """One onnxruntime session per voice and thread count (its threads are fixed at creation)."""
         with self._lock:
-            if name not in self._loaded:
+            if (name, threads) not in self._loaded:
                 import onnxruntime as ort
                 from piper import PiperVoice
                 from piper.config import PiperConfig
 
                 opts = ort.SessionOptions()
-                opts.intra_op_num_threads = self.threads
+                opts.intra_op_num_threads = threads
                 opts.inter_op_num_threads = 1
                 model = self.voices_dir / f"{name}.onnx"
                 config = json.loads((self.voices_dir / f"{name}.onnx.json").read_text())
                 session = ort.InferenceSession(str(model), sess_options=opts, providers=self.providers)
-                self._loaded[name] = PiperVoice(config=PiperConfig.from_dict(config), session=session)
-            return self._loaded[name]
+                self._loaded[name, threads] = PiperVoice(config=PiperConfig.from_dict(config), session=session)
+            return self._loaded[name, threads]
 
     def resolve(self, alias: str | None) -> str:
         """Exact name, then a unique prefix/substring, then the language of an alias like `en_female`,
@@ -117,10 +142,10 @@ class PiperEngine:
             return self.default_voice
         raise ApiError(400, "unknown_voice", f"unknown voice {alias!r}; installed: {', '.join(self.voices)}")
 
-    def synthesize(self, text: str, voice: str, speed: float = 1.0) -> list[np.ndarray]:
+    def synthesize(self, text: str, voice: str, speed: float = 1.0, alone: bool = False) -> list[np.ndarray]:
         from piper.config import SynthesisConfig
 
-        piper_voice = self._load(voice)
+        piper_voice = self._load(voice, self.threads if alone else 1)
         config = SynthesisConfig(
             length_scale=self.length_scale / speed, noise_scale=self.noise_scale, noise_w_scale=self.noise_w_scale
         )

@@ -19,7 +19,9 @@ class TtsSettings(ServiceSettings):
     length_scale: float = 1.0
     noise_scale: float | None = None
     noise_w_scale: float | None = None
-    threads: int = 1
+    threads: int = Field(0, description="cores a synthesis running alone may use (0 = all); concurrent ones use 1")
+    max_concurrent: int = Field(2, description="syntheses at once; more wait, the most urgent first")
+    max_queue: int = Field(64, description="syntheses waiting beyond max_concurrent; more are refused as busy")
     device: str = Field("cpu", description="cpu, or cuda (needs onnxruntime-gpu in the image)")
     max_chars: int = 4096
     chunk_ms: int = Field(40, description="PCM frame size on the WebSocket")

@@ -2,7 +2,9 @@
 
 The reader never waits: text is split into sentences and queued (bounded by `TTS_MAX_CHARS` of pending
 text, beyond which the piece is refused with an error), and a speaker task synthesizes each sentence in
-a worker thread and sends its PCM in `chunk_ms` frames. `cancel` empties the queue and cancels the
+a worker thread and sends its PCM in `chunk_ms` frames. Each sentence waits its turn in the service's
+`Scheduler` with the audio its listener still has in hand as priority: a reply's first piece goes
+before another reply's later sentences. `cancel` empties the queue and cancels the
 speaker, so it overtakes everything queued and the sentence being spoken: no stale frame follows
 `cancelled`.
 """
@@ -11,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from fastapi import WebSocket
-from prometheus_client import Histogram
 from voice_common.audio import AudioFormat, float32_to_pcm16, resample
 from voice_common.errors import ApiError
+from voice_common.limits import URGENT
 from voice_common.protocol import (
     AudioStart,
     Cancel,
@@ -34,7 +37,7 @@ from voice_common.protocol import (
 )
 from voice_common.streams import StreamHandler
 
-from .engine import Synthesizer
+from .engine import Scheduler, Synthesizer
 from .settings import TtsSettings
 from .text import SentenceSplitter
 
@@ -50,17 +53,26 @@ class Voice:
     speed: float
     splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
     index: int = 0
+    first_audio: float | None = None  # monotonic time of the first frame sent
+    sent_s: float = 0.0  # audio sent so far
+
+    def in_hand(self) -> float:
+        """Seconds of audio the listener has left to play, assuming play-out from the first frame on: the
+        scheduling priority of this stream's next sentence (0 = the listener is waiting)."""
+        if self.first_audio is None:
+            return URGENT
+        return max(URGENT, self.sent_s - (time.monotonic() - self.first_audio))
 
 
 class TtsStream(StreamHandler[TtsClientEvent]):
     service = SERVICE
     events = tts_client_events
 
-    def __init__(self, socket: WebSocket, engine: Synthesizer, settings: TtsSettings, synth_seconds: Histogram):
+    def __init__(self, socket: WebSocket, engine: Synthesizer, settings: TtsSettings, scheduler: Scheduler):
         super().__init__(socket)
         self.engine = engine
         self.settings = settings
-        self.synth_seconds = synth_seconds
+        self.scheduler = scheduler
         self.voice: Voice | None = None
         self.queue: deque[str | None] = deque()
         self.speaker: asyncio.Task[None] | None = None
@@ -124,8 +136,10 @@ class TtsStream(StreamHandler[TtsClientEvent]):
         index = voice.index
         await self.send(SentenceStart(index=index, text=text))
         try:
-            with self.synth_seconds.time():
-                parts = await asyncio.to_thread(self.engine.synthesize, text, voice.name, voice.speed)
+            parts = await self.scheduler.synthesize(self.engine, text, voice.name, voice.speed, voice.in_hand())
+        except ApiError as exc:  # busy: this sentence is lost, the stream goes on
+            await self.error(exc.code, exc.message)
+            return
         except Exception as exc:  # one bad sentence must not end the stream
             logger.exception("synthesis failed")
             await self.error("synthesis_failed", f"{type(exc).__name__}: {exc}")
@@ -133,10 +147,13 @@ class TtsStream(StreamHandler[TtsClientEvent]):
         src = self.engine.voices[voice.name].sample_rate
         step = int(voice.rate * self.settings.chunk_ms / 1000) * 2
         samples = 0
+        if voice.first_audio is None:
+            voice.first_audio = time.monotonic()
         for part in parts:
             pcm = float32_to_pcm16(resample(part, src, voice.rate))
             for i in range(0, len(pcm), step):
                 if not await self.send_audio(pcm[i : i + step]):
                     return
                 samples += len(pcm[i : i + step]) // 2
+        voice.sent_s += samples / voice.rate
         await self.send(SentenceEnd(index=index, audio_ms=round(samples * 1000 / voice.rate, 1)))
