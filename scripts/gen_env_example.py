@@ -29,6 +29,7 @@ COMPOSE_ONLY = {
     "HOST_BIND": ("127.0.0.1", "address the published ports bind to; 0.0.0.0 to serve the LAN"),
     "MAIN_APP_PUBLIC_PORT": ("8000", "host port of the web UI"),
     "OLLAMA_MODEL": ("qwen3:14b", "model the ollama service in the gpu profile pulls on first start"),
+    "OLLAMA_NUM_PARALLEL": ("4", "conversations Ollama generates at once (each holds its own context in GPU memory)"),
 }
 
 

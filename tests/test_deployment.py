@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from llm_service.llama_server import default_binary
 from llm_service.settings import LlmSettings
 from main_app.settings import AppSettings
 from pydantic_settings import BaseSettings
@@ -133,6 +134,9 @@ def test_service_runs_as_its_dockerfile_cmd(service: str, tmp_path: Path) -> Non
     if service == "main-app":
         env["APP_WEB_DIR"] = str(REPO_ROOT / "web")
         env["APP_DATA_DIR"] = str(tmp_path)
+    if service == "llm":  # the image builds llama-server into /opt; here it is the one `make` built
+        assert env["LLM_SERVER_BINARY"] == "/opt/llama-server/llama-server"
+        env["LLM_SERVER_BINARY"] = str(default_binary())
     env[f"{prefix}PORT"] = str(free_port())
     spec = next(s for s in SERVICES if s.name == service)
     proc = ServiceProcess(spec, int(env[f"{prefix}PORT"]), env=env, log_path=tmp_path / "log").start()
