@@ -264,6 +264,11 @@ class GenerateRequest(BaseModel):
     priority: float = Field(
         0.0, ge=0, description="scheduling priority when generations queue (voice_common.limits): 0 = someone waits"
     )
+    prompt_cache_key: str | None = Field(
+        None,
+        max_length=200,
+        description="e.g. the conversation id: requests with the same key reuse one cached prompt (OpenAI's name)",
+    )
 
 
 class LlmRequest(Event, GenerateRequest):

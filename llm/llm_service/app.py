@@ -80,6 +80,7 @@ class OpenAIChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=8192)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    prompt_cache_key: str | None = Field(None, max_length=200)
 
     def to_generate(self, default_max: int) -> GenerateRequest:
         messages = []
@@ -96,6 +97,7 @@ class OpenAIChatRequest(BaseModel):
             temperature=self.temperature,
             model=self.model,
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+            prompt_cache_key=self.prompt_cache_key,
         )
 
 

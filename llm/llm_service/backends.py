@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,15 @@ class Backend(Protocol):
     model: str
 
     def stream(
-        self, messages: list[dict[str, str]], temperature: float, max_tokens: int, model: str | None
-    ) -> AsyncIterator[Chunk]: ...
+        self,
+        messages: list[dict[str, str]],
+        temperature: float,
+        max_tokens: int,
+        model: str | None,
+        cache_key: str | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """`cache_key` (a conversation): a hint that lets a backend with several caches reuse the right one."""
+        ...
 
     async def models(self) -> list[str]: ...
 
@@ -112,7 +120,12 @@ class EmbeddedBackend:
                 put(None)
 
     async def stream(
-        self, messages: list[dict[str, str]], temperature: float, max_tokens: int, model: str | None
+        self,
+        messages: list[dict[str, str]],
+        temperature: float,
+        max_tokens: int,
+        model: str | None,
+        cache_key: str | None = None,
     ) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | Exception | None] = asyncio.Queue()
@@ -174,7 +187,12 @@ class OllamaBackend:
         return BackendError("backend_error", f"ollama: {type(exc).__name__}: {exc}")
 
     async def stream(
-        self, messages: list[dict[str, str]], temperature: float, max_tokens: int, model: str | None
+        self,
+        messages: list[dict[str, str]],
+        temperature: float,
+        max_tokens: int,
+        model: str | None,
+        cache_key: str | None = None,
     ) -> AsyncIterator[Chunk]:
         try:
             response = await self.client.chat(
@@ -227,7 +245,14 @@ class OpenAIBackend:
         return BackendError("backend_error", f"{type(exc).__name__}: {exc}")
 
     async def stream(
-        self, messages: list[dict[str, str]], temperature: float, max_tokens: int, model: str | None
+        self,
+        messages: list[dict[str, str]],
+        temperature: float,
+        max_tokens: int,
+        model: str | None,
+        cache_key: str | None = None,
+        *,
+        extra_body: dict[str, Any] | None = None,
     ) -> AsyncIterator[Chunk]:
         try:
             create: Any = self.client.chat.completions.create
@@ -238,6 +263,7 @@ class OpenAIBackend:
                 max_tokens=max_tokens,
                 stream=True,
                 stream_options={"include_usage": True},
+                extra_body=extra_body,
             )
             finish, deltas, usage_sent = "stop", 0, False
             async with response:
@@ -273,13 +299,32 @@ class LlamaServerBackend(OpenAIBackend):
         server.start()
         super().__init__(f"{server.url}/v1", "unused", model, connect_timeout=2.0)
         self.server = server
-        if warmup_system_prompt:  # the system prompt is in a slot's cache before the first user speaks
+        self.slots = SlotAffinity(server.parallel)
+        if warmup_system_prompt:  # the system prompt is in every slot's cache before the first user speaks
             import httpx
 
             messages = [{"role": "system", "content": warmup_system_prompt}, {"role": "user", "content": "Hi"}]
-            httpx.post(
-                f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=120
-            ).raise_for_status()
+            for slot in range(server.parallel):
+                body = {"messages": messages, "max_tokens": 1, "id_slot": slot}
+                httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).raise_for_status()
+
+    async def stream(
+        self,
+        messages: list[dict[str, str]],
+        temperature: float,
+        max_tokens: int,
+        model: str | None,
+        cache_key: str | None = None,
+        *,
+        extra_body: dict[str, Any] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        slot = self.slots.acquire(cache_key)
+        try:
+            body = {**(extra_body or {}), "id_slot": slot}
+            async for chunk in super().stream(messages, temperature, max_tokens, model, extra_body=body):
+                yield chunk
+        finally:
+            self.slots.release(slot, cache_key)
 
     def _error(self, exc: Exception) -> BackendError:
         import openai
@@ -298,3 +343,32 @@ class LlamaServerBackend(OpenAIBackend):
 
     def close(self) -> None:
         self.server.stop()
+
+
+class SlotAffinity:
+    """Which llama-server slot serves a generation. A conversation (its cache key) goes back to the slot
+    that holds its prompt — even while that slot is still finishing a cancelled generation of the same
+    conversation (a dropped speculative reply), which llama-server ends within a token. Left to itself,
+    the server would pick another slot by prompt similarity and evaluate the whole history again
+    (~1 s on 2 cores for 80 tokens, measured). A new conversation, or one whose slot is busy with
+    another conversation, takes the free slot used least recently."""
+
+    def __init__(self, slots: int) -> None:
+        self.busy: list[list[str | None]] = [[] for _ in range(slots)]  # keys generating, per slot
+        self.last_used = [0.0] * slots
+        self.owner: dict[str, int] = {}  # key -> the slot that last served it
+
+    def acquire(self, key: str | None) -> int:
+        slot = self.owner.get(key) if key is not None else None
+        if slot is None or any(k != key for k in self.busy[slot]):
+            free = [i for i, keys in enumerate(self.busy) if not keys]
+            slot = min(free or range(len(self.busy)), key=lambda i: self.last_used[i])
+        if key is not None:
+            self.owner = {k: s for k, s in self.owner.items() if s != slot}  # its cache is about to change
+            self.owner[key] = slot
+        self.busy[slot].append(key)
+        self.last_used[slot] = time.monotonic()
+        return slot
+
+    def release(self, slot: int, key: str | None) -> None:
+        self.busy[slot].remove(key)

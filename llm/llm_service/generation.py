@@ -44,7 +44,7 @@ async def generate(
         first: float | None = None
         usage = Usage()
         finish = "stop"
-        stream = backend.stream(messages, req.temperature, req.max_tokens, req.model)
+        stream = backend.stream(messages, req.temperature, req.max_tokens, req.model, req.prompt_cache_key)
         try:
             while True:
                 timeout = settings.first_token_timeout_s if first is None else None

@@ -154,6 +154,7 @@ class LlamaServer:
             raise FileNotFoundError(f"{binary} not found: run `make llama-server` (builds it once)")
         if not model.exists():
             raise FileNotFoundError(f"{model} not found: run `make models`")
+        self.parallel = parallel
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [

@@ -154,7 +154,7 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
 
         async def tokens() -> AsyncIterator[tuple[str, str | None]]:
             try:
-                async for token in ctx().services.llm(llm_request(settings, history, speculative=False)):
+                async for token in ctx().services.llm(llm_request(settings, history, cid, speculative=False)):
                     yield token, None
             except ServiceError as exc:
                 yield "", f"{exc.service}: {exc.message}"

@@ -88,13 +88,14 @@ class ReplyContext:
     generations: Generations = field(default_factory=Generations)
 
 
-def llm_request(settings: AppSettings, history: list[ChatMessage], speculative: bool) -> LlmRequest:
+def llm_request(settings: AppSettings, history: list[ChatMessage], conversation: str, speculative: bool) -> LlmRequest:
     return LlmRequest(
         messages=trim_history(history, settings.history_tokens),
         max_tokens=settings.max_reply_tokens,
         temperature=settings.temperature,
         system_prompt=settings.system_prompt,
         priority=BACKGROUND if speculative else URGENT,  # a guess waits behind replies someone waits for
+        prompt_cache_key=conversation,  # the LLM keeps this conversation's prompt cached in one place
     )
 
 
@@ -321,7 +322,9 @@ class Reply:
 
     async def generate_text(self, history: list[ChatMessage], tts: EventStream[TtsServerEvent] | None) -> None:
         try:
-            async for token in self.ctx.services.llm(llm_request(self.settings, history, self.speculative)):
+            async for token in self.ctx.services.llm(
+                llm_request(self.settings, history, self.ctx.conversation_id, self.speculative)
+            ):
                 self.mark("llm_first_token")
                 if self.state is ReplyState.PENDING:
                     await self.set_state(ReplyState.GENERATING)
