@@ -37,7 +37,13 @@ def speech_end_ms(samples: np.ndarray) -> float:
 
 
 async def session(
-    url: str, turns: int, offset: int, pause_ms: int, results: list[dict[str, float]], delay_s: float = 0.0
+    url: str,
+    turns: int,
+    offset: int,
+    pause_ms: int,
+    results: list[dict[str, float]],
+    errors: list[str],
+    delay_s: float = 0.0,
 ) -> None:
     await asyncio.sleep(delay_s)
     clips = librivox_clips()
@@ -70,11 +76,16 @@ async def session(
             row.update({k: metrics.event[k] for k in STAGES if metrics.event.get(k) is not None})
             results.append(row)
             await asyncio.sleep(1.0)  # let the reply play out a little before the next question
+    except TimeoutError:
+        errors.append("a turn got no reply in 120 s")
     finally:
+        errors.extend(
+            f"{r.event.get('code')}: {r.event.get('message')}" for r in client.events if r.event["type"] == "error"
+        )
         await client.close()
 
 
-def report(n: int, turns: int, rows: list[dict[str, float]], speculations: dict[str, float]) -> None:
+def report(n: int, turns: int, rows: list[dict[str, float]], speculations: dict[str, float], errors: list[str]) -> None:
     v2v = [r["v2v_ms"] for r in rows]
     say(
         f"  {n} session(s), {len(rows)} of {n * turns} turns answered: voice-to-voice median {median(v2v):.0f} ms, "
@@ -92,6 +103,7 @@ def report(n: int, turns: int, rows: list[dict[str, float]], speculations: dict[
         f"      answered before the user had finished: {cut:.0f} of {len(rows)}; speculative replies used "
         f"{hits:.0f} of {len(rows)}, thrown away {thrown:.0f} ({speculations.get('wasted_tokens', 0):.0f} tokens)"
     )
+    say(f"      error events: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
 
 
 async def speculation_counts(app_url: str) -> dict[str, float]:
@@ -115,16 +127,22 @@ def main() -> None:
             url = app_url.replace("http", "ws") + "/ws"
             for n in args.sessions:
                 rows: list[dict[str, float]] = []
+                errors: list[str] = []
 
-                async def run(n: int = n, rows: list[dict[str, float]] = rows) -> dict[str, float]:
+                async def run(
+                    n: int = n, rows: list[dict[str, float]] = rows, errors: list[str] = errors
+                ) -> dict[str, float]:
                     before = await speculation_counts(app_url)
                     await asyncio.gather(
-                        *(session(url, args.turns, i, args.pause_ms, rows, i * args.stagger_s) for i in range(n))
+                        *(
+                            session(url, args.turns, i, args.pause_ms, rows, errors, i * args.stagger_s)
+                            for i in range(n)
+                        )
                     )
                     after = await speculation_counts(app_url)
                     return {k: v - before.get(k, 0) for k, v in after.items()}
 
-                report(n, args.turns, rows, asyncio.run(run()))
+                report(n, args.turns, rows, asyncio.run(run()), errors)
 
 
 if __name__ == "__main__":

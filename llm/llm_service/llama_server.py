@@ -164,6 +164,7 @@ class LlamaServer:
             *("--parallel", str(parallel), "--ctx-size", str(ctx_per_slot * parallel)),
             *("--threads", str(threads), "--threads-batch", str(threads)),
             "--cont-batching",
+            *("--poll", "0"),  # its threads wait without spinning: the cores are shared with STT and TTS
             "--metrics",
             "--no-webui",
         ]

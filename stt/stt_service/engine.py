@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ class FasterWhisper:
     def __init__(
         self, path: Path, device: str, compute_type: str, threads: int, beam_size: int, vad_filter: bool, workers: int
     ) -> None:
+        # CTranslate2's OpenMP threads sleep when idle instead of spinning (read when it is first imported):
+        # between decodes the spin would take the cores the VAD, TTS and LLM of other turns need
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from faster_whisper import WhisperModel
 
         if not (path / "model.bin").exists():

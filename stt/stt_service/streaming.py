@@ -211,7 +211,9 @@ class SttStream(StreamHandler[SttClientEvent]):
         # on a slow machine a decode takes longer than the interval: space interims by twice the last
         # decode's time, so they never take more than half of the CPU the eager decode and final need
         interval = max(self.settings.interim_interval_ms / 1000, 2 * u.last_decode_s)
-        regular = u.interim and idle and now - u.last_decode >= interval
+        # a regular interim only shows words early: it runs when no other decode does, so under load the
+        # cores go to finals and eager decodes (which a reply waits for), not to other streams' interims
+        regular = u.interim and idle and now - u.last_decode >= interval and self.limiter.active == 0
         # the eager decode does not wait for a running interim: it is the one the final will likely reuse
         if (regular or u.eager_pending) and u.total - u.offset >= RATE // 4 and self.limiter.free_now():
             if u.eager_pending:

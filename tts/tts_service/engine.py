@@ -117,6 +117,9 @@ class PiperEngine:
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = threads
                 opts.inter_op_num_threads = 1
+                # idle pool threads sleep instead of spinning: on a shared machine the spin would take the
+                # cores the STT and LLM need between two piper runs
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 model = self.voices_dir / f"{name}.onnx"
                 config = json.loads((self.voices_dir / f"{name}.onnx.json").read_text())
                 session = ort.InferenceSession(str(model), sess_options=opts, providers=self.providers)
