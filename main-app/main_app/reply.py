@@ -131,6 +131,8 @@ class Reply:
         self.marks: dict[str, float] = {}  # latency stages: monotonic times
         self.history = history  # the conversation to answer; None: as stored
         self.speculative = held
+        self.tts_wait: asyncio.Timeout | None = None  # `play`'s wait for the next TTS item
+        self.tts_owed = False  # text or stop went to the TTS and nothing came back since
         self.released = asyncio.Event()  # output may go to the browser and the store
         if not held:
             self.released.set()
@@ -312,6 +314,14 @@ class Reply:
                 await tts.send(TtsText(text=text))
             except ServiceError:
                 self.speak = False
+            self.expect_tts()
+
+    def expect_tts(self) -> None:
+        """The TTS owes an answer now: from here on `tts_timeout_s` without one means it is stuck. While it
+        owes nothing (the LLM is still thinking, slow under load) waiting is not its fault."""
+        self.tts_owed = True
+        if self.tts_wait is not None and self.tts_wait.when() is None:
+            self.tts_wait.reschedule(asyncio.get_running_loop().time() + self.settings.tts_timeout_s)
 
     async def generate(self, history: list[ChatMessage], tts: EventStream[TtsServerEvent] | None) -> None:
         self.ctx.generations.running += 1
@@ -345,6 +355,7 @@ class Reply:
         if tts is not None and self.speak:
             with contextlib.suppress(ServiceError):
                 await tts.send(Stop())
+            self.expect_tts()
 
     async def play(self, tts: EventStream[TtsServerEvent]) -> None:
         """Audio from the TTS stream to the browser, paced to about real time plus a small lead, with
@@ -353,8 +364,11 @@ class Reply:
         items = aiter(tts)
         try:
             while True:
-                async with asyncio.timeout(self.settings.tts_timeout_s if self.speak else None):
+                async with asyncio.timeout(None) as self.tts_wait:
+                    if self.tts_owed and self.speak:
+                        self.expect_tts()
                     item = await anext(items, None)
+                self.tts_wait, self.tts_owed = None, False
                 if item is None:
                     raise ServiceError("tts", "service_unavailable", "the synthesis stream ended early")
                 if isinstance(item, bytes):

@@ -95,9 +95,11 @@ class FakeServices:
         # TTS: audio length per character of text, in 20 ms PCM16 frames at the requested rate
         self.ms_per_char = 10.0
         self.tts_error: ServiceError | None = None
+        self.tts_mute = False  # takes text, never answers (a stuck synthesis)
         # LLM: the reply, one word a token, and the delay before each token
         self.reply = "It is sunny and warm today. Enjoy the nice weather outside."
         self.token_delay_s = 0.01
+        self.first_token_delay_s = 0.0  # extra wait before the first token (a busy LLM)
         self.llm_error: ServiceError | None = None
         self.llm_requests: list[LlmRequest] = []
         self.llm_finished = 0
@@ -170,6 +172,8 @@ class FakeServices:
 
         async def on_send(item: Event | bytes) -> None:
             nonlocal pending
+            if self.tts_mute:
+                return
             if isinstance(item, TtsText):
                 pending += item.text
                 *whole, pending = re.split(r"(?<=[.!?])\s+", pending)
@@ -199,6 +203,7 @@ class FakeServices:
             if self.llm_error is not None:
                 raise self.llm_error
             words = self.reply.split(" ")
+            await asyncio.sleep(self.first_token_delay_s)
             for i, word in enumerate(words):
                 await asyncio.sleep(self.token_delay_s)
                 yield word if i == 0 else " " + word
