@@ -15,6 +15,7 @@ The binary is cached per version and CPU (`~/.cache/voicechat/`), so a later clo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -76,7 +77,8 @@ def default_binary(portable: bool = False) -> Path:
 def _fetch_sdist(into: Path) -> Path:
     """With pip, so the machine's index settings (mirrors, find-links) apply; checked by sha256."""
     log(f"downloading the sources ({SDIST} sdist, 77 MB, about a minute) ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(into), SDIST]
+    name = SDIST.split("==")[0]  # only this package as source: its build tools come as wheels
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", name, "-d", str(into), SDIST]
     done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         raise RuntimeError(f"pip download failed:\n{done.stderr[-2000:]}")
@@ -135,6 +137,17 @@ def build(binary: Path, portable: bool = False, jobs: int | None = None) -> Path
     return binary
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when the LLM service dies, even by SIGKILL, so no
+    llama-server is left holding a port and a GB of memory."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port() -> int:
     import socket
 
@@ -171,6 +184,7 @@ class LlamaServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.tail: deque[str] = deque(maxlen=30)
         self.closing = threading.Event()
+        self.lock = threading.Lock()  # spawn vs stop: a restart never outlives the service
         self.ready = threading.Event()  # started and answering; cleared while it restarts
         self.restarts = 0
 
@@ -181,8 +195,13 @@ class LlamaServer:
         threading.Thread(target=self._watch, name="llama-server-watch", daemon=True).start()
 
     def _spawn(self) -> None:
-        logger.info("starting %s", " ".join(self.cmd))
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with self.lock:
+            if self.closing.is_set():
+                raise RuntimeError("the LLM service is stopping")
+            logger.info("starting %s", " ".join(self.cmd))
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
         threading.Thread(target=self._drain, args=(self.proc,), name="llama-server-log", daemon=True).start()
 
     def _drain(self, proc: subprocess.Popen[bytes]) -> None:
@@ -232,7 +251,8 @@ class LlamaServer:
         return self.ready.is_set() and self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        self.closing.set()
+        with self.lock:
+            self.closing.set()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -239,6 +239,26 @@ async def test_llama_server_cancelling_one_generation_leaves_the_others(server_l
     await assert_generation_stopped(server_llm.url, None)
 
 
+async def test_llama_server_dies_with_the_service(start_service) -> None:
+    """Even a SIGKILLed LLM service leaves no llama-server behind (holding a port and memory)."""
+    import os
+    import signal
+
+    svc = start_service("llm", LLM_PARALLEL="2")  # a process of its own, killed here
+    async with httpx.AsyncClient(timeout=30) as client:
+        child = (await client.get(f"{svc.url}/healthz")).json()["server_pid"]
+    assert svc.proc is not None
+    os.kill(svc.proc.pid, signal.SIGKILL)
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.05)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
 async def test_llama_server_is_restarted_when_it_dies(start_service) -> None:
     import os
     import signal

@@ -39,7 +39,13 @@ class AppSettings(ServiceSettings):
     connect_timeout_s: float = 3.0
     stt_final_timeout_s: float = 10.0
     llm_first_token_timeout_s: float = 20.0
-    tts_timeout_s: float = 10.0
+    tts_timeout_s: float = Field(10.0, description="the TTS owes audio (text or stop sent) and sends nothing")
+    max_streams: int = Field(
+        8,
+        ge=1,
+        description="live voice sessions; one more is refused as busy. The 2-core reference machine answers 4 "
+        "at once in ~6 s and 8 in ~12 s (README benchmarks): raise it with a GPU host",
+    )
 
     @property
     def db_path(self) -> Path:
