@@ -1,5 +1,5 @@
 """Dev tooling, not part of any service: start services as separate processes, wait for their health
-checks, stop them cleanly.
+checks, restart one that dies, stop them cleanly.
 
 Used by `make run` (all five) and by the tests (real servers on real sockets).
 """
@@ -93,6 +93,51 @@ class ServiceProcess:
             self.proc.wait()
 
 
+class Supervisor:
+    """Keeps the services of `make run` up: one that exits is restarted with backoff (1 s doubling to 30 s,
+    back to 1 s once it has stayed up a minute) while the others go on serving — main-app relinks to it
+    by itself. SIGINT and SIGTERM stop everything: the handlers are installed explicitly, because a
+    launcher started from a background shell inherits SIGINT as ignored."""
+
+    def __init__(self, procs: list[ServiceProcess], logs: Path) -> None:
+        self.procs = procs
+        self.logs = logs
+        self.stopping = False
+        self.backoff = {p.spec.name: 1.0 for p in procs}
+        self.started = {p.spec.name: time.monotonic() for p in procs}
+        self.due: dict[str, float] = {}  # name -> when to restart it
+
+    def install_signals(self) -> None:
+        def stop(signum: int, _frame: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+    def watch(self) -> None:
+        while not self.stopping:
+            now = time.monotonic()
+            for p in self.procs:
+                name = p.spec.name
+                if p.proc is not None and p.proc.poll() is not None and name not in self.due:
+                    if now - self.started[name] > 60:
+                        self.backoff[name] = 1.0
+                    delay = self.backoff[name]
+                    self.backoff[name] = min(delay * 2, 30.0)
+                    self.due[name] = now + delay
+                    print(
+                        f"  {name} exited with {p.proc.returncode}; restarting in {delay:.0f} s "
+                        f"(log: {self.logs / (name + '.log')})",
+                        flush=True,
+                    )
+                elif name in self.due and now >= self.due[name]:
+                    del self.due[name]
+                    p.start()
+                    self.started[name] = now
+                    print(f"  {name} restarted (pid {p.proc.pid if p.proc else '?'})", flush=True)
+            time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run all five services on their default ports.")
     parser.add_argument("--logs", type=Path, default=REPO_ROOT / "data" / "logs")
@@ -109,26 +154,32 @@ def main(argv: list[str] | None = None) -> int:
         for s in SERVICES
         if wanted is None or s.name in wanted
     ]
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    supervisor = Supervisor(procs, args.logs)
+    supervisor.install_signals()
     print(f"starting {', '.join(p.spec.name for p in procs)} (logs in {args.logs}) ...", flush=True)
     try:
         for p in procs:
             p.start()
         for p in procs:
             t0 = time.monotonic()
-            p.wait_healthy()
-            print(f"  {p.spec.name:9s} healthy on {p.url} ({time.monotonic() - t0:.1f} s)", flush=True)
-        print(
-            f"\nAll services are up. Open http://localhost:{ports['main-app']} in your browser."
-            " Ctrl-C stops everything.\n",
-            flush=True,
-        )
-        while all(p.proc is not None and p.proc.poll() is None for p in procs):
-            time.sleep(0.5)
-        dead = [p.spec.name for p in procs if p.proc is not None and p.proc.poll() is not None]
-        print(f"service(s) exited: {', '.join(dead)}; stopping the rest (see {args.logs})", flush=True)
-        return 1
-    except KeyboardInterrupt:
+            while not supervisor.stopping:
+                try:
+                    p.wait_healthy(timeout=0.5)
+                    break
+                except TimeoutError:
+                    if time.monotonic() - t0 > 180:
+                        raise
+            if supervisor.stopping:
+                break
+            pid = p.proc.pid if p.proc else "?"
+            print(f"  {p.spec.name:9s} healthy on {p.url} (pid {pid}, {time.monotonic() - t0:.1f} s)", flush=True)
+        else:
+            print(
+                f"\nAll services are up. Open http://localhost:{ports['main-app']} in your browser."
+                " Ctrl-C stops everything.\n",
+                flush=True,
+            )
+            supervisor.watch()
         print("\nstopping ...", flush=True)
         return 0
     except (RuntimeError, TimeoutError) as exc:

@@ -1,9 +1,11 @@
-"""The README's run command's launcher: all five services up as separate processes, the page served,
-and everything stopped cleanly on Ctrl-C (SIGINT)."""
+"""The README's run command's launcher: all five services up as separate processes, the page served, a
+crashed service restarted while the others go on, and everything stopped cleanly on Ctrl-C (SIGINT) —
+even when the launcher was started with SIGINT ignored, as from a background shell."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,10 +15,24 @@ import urllib.request
 from voice_common.settings import REPO_ROOT
 
 from devtools.launcher import SERVICES
+from devtools.launcher import health as health_of
 from tests.helpers import free_port
 
 
-def test_run_all_then_ctrl_c(tmp_path) -> None:
+def read_until(proc: subprocess.Popen[str], out: list[str], text: str, within: float) -> bool:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        out.append(line)
+        if text in line:
+            return True
+        if proc.poll() is not None:
+            return False
+    return False
+
+
+def test_run_all_restart_a_crash_then_ctrl_c(tmp_path) -> None:
     ports = {s.name: free_port() for s in SERVICES}
     env = {
         **os.environ,
@@ -30,22 +46,27 @@ def test_run_all_then_ctrl_c(tmp_path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as a background shell does
     )
-    assert proc.stdout is not None
-    out = []
-    deadline = time.monotonic() + 240
+    out: list[str] = []
     try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            out.append(line)
-            if "All services are up" in line or proc.poll() is not None:
-                break
-        assert any("All services are up" in line for line in out), "".join(out)
+        assert read_until(proc, out, "All services are up", 240), "".join(out)
         assert f"http://localhost:{ports['main-app']}" in "".join(out)
         page = urllib.request.urlopen(f"http://127.0.0.1:{ports['main-app']}/", timeout=5).read().decode()
         assert "<title>Voice Chat</title>" in page
         health = urllib.request.urlopen(f"http://127.0.0.1:{ports['main-app']}/healthz", timeout=5).read().decode()
         assert health.count('"status":"ok"') == 5  # main-app and its four downstream services
+
+        # a crash of one service: restarted, while main-app goes on serving
+        stt_pid = int(re.search(r"stt\s+healthy on \S+ \(pid (\d+)", "".join(out)).group(1))  # type: ignore[union-attr]
+        os.kill(stt_pid, signal.SIGKILL)
+        assert read_until(proc, out, "stt restarted", 30), "".join(out)
+        stt = f"http://127.0.0.1:{ports['stt']}/healthz"
+        for _ in range(300):
+            if health_of(stt) == 200:
+                break
+            time.sleep(0.2)
+        assert health_of(stt) == 200 and health_of(f"http://127.0.0.1:{ports['main-app']}/healthz") == 200
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
