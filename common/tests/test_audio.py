@@ -8,6 +8,7 @@ import soundfile as sf
 from voice_common.audio import (
     AudioError,
     AudioFormat,
+    AudioTooLong,
     StreamResampler,
     decode_audio,
     encode_audio,
@@ -47,6 +48,22 @@ def test_bad_audio_is_an_audio_error() -> None:
         pcm_to_mono_float(b"", AudioFormat())
     with pytest.raises(AudioError):
         AudioFormat(width=3).check()
+
+
+def silent_flac(seconds: float, rate: int = 8000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(seconds * rate), dtype=np.float32), rate, format="FLAC")
+    return buf.getvalue()
+
+
+def test_too_long_audio_is_refused_from_its_header() -> None:
+    hour = silent_flac(3600)
+    assert len(hour) < 2_000_000  # an hour of silence is small: the size limit alone does not stop it
+    with pytest.raises(AudioTooLong) as refused:
+        decode_audio(hour, max_seconds=600)
+    assert refused.value.code == "audio_too_long" and "3600 s" in str(refused.value)
+    samples, rate = decode_audio(silent_flac(5), max_seconds=600)
+    assert rate == 8000 and samples.shape == (40000, 1)
 
 
 def test_pcm16_round_trip_and_stereo_frames() -> None:

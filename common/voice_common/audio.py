@@ -16,6 +16,15 @@ from pydantic import BaseModel, Field
 class AudioError(ValueError):
     """Audio that cannot be used: undecodable, empty, or in a format we do not take."""
 
+    code = "invalid_audio"
+
+
+class AudioTooLong(AudioError):
+    """Longer than the service takes: refused from the header, before decoding (a few hundred KB of FLAC
+    can hold hours of silence)."""
+
+    code = "audio_too_long"
+
 
 class AudioFormat(BaseModel):
     """Raw PCM layout; it travels with every stream (like wyoming's audio-start)."""
@@ -33,17 +42,27 @@ class AudioFormat(BaseModel):
         return self.width * self.channels
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode any container soundfile reads (WAV, FLAC, OGG, ...) to float32 (frames, channels)."""
+def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode any container soundfile reads (WAV, FLAC, OGG, ...) to float32 (frames, channels). With
+    `max_seconds`, longer audio is refused before it is decoded, and never more than that is read."""
     if not data:
         raise AudioError("empty audio file")
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate = int(f.samplerate)
+            limit = None if max_seconds is None else int(max_seconds * rate)
+            if limit is not None and f.frames > limit:
+                raise AudioTooLong(f"audio is {f.frames / rate:.0f} s; the limit is {max_seconds:.0f} s")
+            samples = f.read(frames=-1 if limit is None else limit + 1, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception as exc:  # soundfile raises several types for garbage input
         raise AudioError(f"could not decode audio: {exc}") from exc
+    if limit is not None and samples.shape[0] > limit:  # a header that under-reported its length
+        raise AudioTooLong(f"audio is over the limit of {max_seconds:.0f} s")
     if samples.shape[0] == 0:
         raise AudioError("audio file has no samples")
-    return samples, int(rate)
+    return samples, rate
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -60,9 +79,9 @@ def resample(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     return np.asarray(soxr.resample(samples, src_rate, dst_rate), dtype=np.float32)
 
 
-def load_mono(data: bytes, rate: int) -> tuple[np.ndarray, int]:
+def load_mono(data: bytes, rate: int, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode a file to mono float32 at `rate` (what every model here consumes) and its source rate."""
-    samples, src_rate = decode_audio(data)
+    samples, src_rate = decode_audio(data, max_seconds)
     return resample(to_mono(samples), src_rate, rate), src_rate
 
 

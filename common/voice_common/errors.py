@@ -42,7 +42,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AudioError)
     async def _audio(_: Request, exc: AudioError) -> JSONResponse:
-        return error_response(400, "invalid_audio", str(exc))
+        return error_response(400, exc.code, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import Counter, Histogram
 from voice_common.app import create_service_app, engine_of
-from voice_common.audio import AudioError, load_mono
+from voice_common.audio import AudioError, AudioTooLong, load_mono
 from voice_common.errors import ApiError
 from voice_common.limits import Limiter
 
@@ -26,10 +26,13 @@ SERVICE = "stt"
 Engine = Annotated[Transcriber, Depends(engine_of)]
 
 
-def decode_upload(data: bytes) -> np.ndarray:
-    """soundfile first (WAV/FLAC/OGG); PyAV (mp3, m4a, webm, ...) as the fallback."""
+def decode_upload(data: bytes, max_seconds: float) -> np.ndarray:
+    """soundfile first (WAV/FLAC/OGG; too long is refused from the header); PyAV (mp3, m4a, webm, ...) as
+    the fallback (bounded by the request size limit)."""
     try:
-        return load_mono(data, RATE)[0]
+        return load_mono(data, RATE, max_seconds)[0]
+    except AudioTooLong:
+        raise
     except AudioError:
         if not data:
             raise
@@ -84,7 +87,7 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
         words: bool = False,
     ) -> Transcript:
         language = check_language(language or settings.language, engine)
-        samples = await asyncio.to_thread(decode_upload, data)
+        samples = await asyncio.to_thread(decode_upload, data, settings.max_audio_s)
         if len(samples) / RATE > settings.max_audio_s:
             raise ApiError(
                 400,

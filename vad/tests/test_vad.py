@@ -246,3 +246,12 @@ async def test_rest_turn_endpoint(vad) -> None:
     assert whole["complete"] and whole["probability"] > 0.5 and whole["inference_ms"] > 0
     assert not half["complete"] and half["probability"] < 0.5
     assert info["turn_model"] == "smart-turn-v3.2"
+
+
+async def test_an_hour_of_silence_is_refused_before_decoding(vad) -> None:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(3600 * 8000, dtype=np.float32), 8000, format="FLAC")
+    async with httpx.AsyncClient(timeout=30) as client:
+        for path in ("/detect", "/turn"):
+            r = await client.post(f"{vad.url}{path}", files={"file": ("hour.flac", buf.getvalue())})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "audio_too_long", r.text

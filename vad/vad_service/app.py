@@ -95,7 +95,7 @@ def create_app(settings: VadSettings | None = None, engine: VadModels | None = N
                 raise ApiError(400, f"invalid_{name}", f"{name} must be between 0 and 10000")
         data = await file.read()
         engine = models.vad
-        samples, src_rate = await asyncio.to_thread(load_mono, data, engine.rate)
+        samples, src_rate = await asyncio.to_thread(load_mono, data, engine.rate, settings.max_audio_s)
         cfg = _config(
             settings,
             threshold=threshold,
@@ -147,7 +147,7 @@ def create_app(settings: VadSettings | None = None, engine: VadModels | None = N
         """Is the turn in this audio complete? The last 8 s are what the model hears."""
         if models.turn is None:
             raise ApiError(503, "turn_model_unavailable", "no turn model installed: run `make models`")
-        samples, _ = await asyncio.to_thread(load_mono, await file.read(), models.vad.rate)
+        samples, _ = await asyncio.to_thread(load_mono, await file.read(), models.vad.rate, settings.max_audio_s)
         t0 = time.perf_counter()
         p = await asyncio.to_thread(models.turn.complete_probability, samples)
         return {

@@ -17,6 +17,7 @@ class VadSettings(ServiceSettings):
     speech_pad_ms: int = 30
     min_speech_ms: int = 250
     max_streams: int = 64
+    max_audio_s: float = Field(600.0, description="longest uploaded file; longer is refused from its header")
     threads: int = 1
     turn_model_path: Path | None = Field(
         None, description="smart-turn ONNX; default <models_dir>/vad/smart-turn-v3.2-cpu.onnx"
