@@ -145,7 +145,7 @@ class SttStart(Event):
     type: Literal["start"] = "start"
     format: AudioFormat = AudioFormat()
     language: str | None = None
-    prompt: str | None = None
+    prompt: str | None = Field(None, max_length=1000, description="Whisper reads at most ~224 tokens of it")
     interim: bool = True
 
 

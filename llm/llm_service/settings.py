@@ -17,6 +17,7 @@ class LlmSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LLM_")
 
     port: int = 3004
+    max_body_mb: float = Field(2.0, description="a chat request is text: 2 MB is hundreds of pages")
     backend: Literal["llama-server", "embedded", "ollama", "openai"] = Field(
         "llama-server",
         description="llama-server: llama.cpp's server as a child process, several conversations batched (built "

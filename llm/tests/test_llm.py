@@ -301,6 +301,13 @@ async def test_validation_errors(llm, body, code) -> None:
     assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
 
 
+async def test_a_huge_body_is_refused_at_once(server_llm) -> None:
+    huge = {"messages": [{"role": "user", "content": "x" * 3_000_000}]}
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(f"{server_llm.url}/generate", json=huge)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+
+
 async def test_websocket_bad_events(llm) -> None:
     async with websockets.connect(llm.url.replace("http", "ws") + "/ws") as ws:
         await ws.send("nope")

@@ -23,6 +23,7 @@ from .streaming import SttStream
 
 logger = logging.getLogger(__name__)
 SERVICE = "stt"
+MAX_PROMPT_CHARS = 1000
 Engine = Annotated[Transcriber, Depends(engine_of)]
 
 
@@ -87,6 +88,10 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
         words: bool = False,
     ) -> Transcript:
         language = check_language(language or settings.language, engine)
+        if prompt and len(prompt) > MAX_PROMPT_CHARS:  # Whisper reads ~224 tokens; more only costs time
+            raise ApiError(
+                400, "prompt_too_long", f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
+            )
         samples = await asyncio.to_thread(decode_upload, data, settings.max_audio_s)
         if len(samples) / RATE > settings.max_audio_s:
             raise ApiError(

@@ -195,6 +195,9 @@ async def test_bad_inputs(stt) -> None:
 async def test_limits_too_long_and_busy(start_service) -> None:
     limited = start_service("stt", STT_MAX_AUDIO_S="6.5", STT_MAX_CONCURRENT="1", STT_MAX_QUEUE="0")
     async with httpx.AsyncClient(timeout=120) as client:
+        long_prompt = {"prompt": "word " * 2000}  # 10k characters: 30x slower decodes before the limit
+        r = await client.post(f"{limited.url}/transcribe", files={"file": ("a.wav", CLIPS[2].data)}, data=long_prompt)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long", r.text
         r = await client.post(f"{limited.url}/transcribe", files={"file": ("a.wav", CLIPS[0].data)})
         assert r.status_code == 400 and r.json()["error"]["code"] == "audio_too_long"
         results = await asyncio.gather(
