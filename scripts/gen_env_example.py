@@ -4,6 +4,7 @@ default the code actually uses. `python scripts/gen_env_example.py --check` fail
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def render_default(value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):  # pydantic-settings reads lists as JSON
+        return f"'{json.dumps(value)}'" if value else ""
     if isinstance(value, Path):
         try:
             return "" if value.is_relative_to(REPO_ROOT) else str(value)
@@ -72,7 +75,7 @@ def render() -> str:
                 continue
             if info.description:
                 lines.append(f"# {info.description}")
-            lines.append(f"{name}={render_default(info.default)}")
+            lines.append(f"{name}={render_default(info.get_default(call_default_factory=True))}")
     return "\n".join(lines) + "\n"
 
 

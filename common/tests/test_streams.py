@@ -138,3 +138,19 @@ async def test_a_cancelled_caller_does_not_free_the_slot_of_a_running_thread() -
             break
         await asyncio.sleep(0.01)
     assert limiter.active == 0 and limiter.free_now()
+
+
+async def test_only_this_servers_pages_and_allowed_origins_open_a_stream() -> None:
+    settings = ServiceSettings(allowed_origins=["https://app.example"])
+    app = create_service_app(name="demo", settings=settings, load=None, engine=object(), stream=lambda s, e: Slow(s, e))
+    async for url in serve(app):
+        own = url.replace("ws://", "http://").removesuffix("/ws")
+        for origin in (None, own, "https://app.example"):  # a non-browser client, the own page, a listed one
+            async with websockets.connect(url, origin=origin) as ws:  # type: ignore[arg-type]
+                await ws.send(json.dumps({"type": "stop"}))
+                await ws.send(json.dumps({"type": "cancel"}))
+                assert json.loads(await ws.recv())["type"] == "cancelled"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(url, origin="https://evil.example"):  # type: ignore[arg-type]
+                pass
+        assert refused.value.response.status_code == 403

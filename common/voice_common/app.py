@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
@@ -73,6 +73,18 @@ class GateMiddleware:
             supplied = (parse_qs(scope.get("query_string", b"").decode()).get("api_key") or [None])[0]
         return supplied is not None and hmac.compare_digest(supplied, key)
 
+    def _origin_allowed(self, scope: Scope) -> bool:
+        """A browser tells where the page that opens a WebSocket came from; only this server's own pages
+        (and `allowed_origins`) may talk to it, so a page on another site cannot reach a conversation
+        through the user's browser. Non-browser clients send no Origin."""
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        origin = headers.get("origin")
+        if origin is None:
+            return True
+        if origin in self.settings.allowed_origins:
+            return True
+        return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
@@ -89,6 +101,10 @@ class GateMiddleware:
                 await _json_response(401, body)(scope, receive, send)
                 return
             if scope["type"] == "websocket":
+                if not self._origin_allowed(scope):
+                    logger.warning("WebSocket from a foreign page refused (Origin not allowed)")
+                    await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed"})
+                    return
                 await self.app(scope, receive, send)
                 return
             await self._http(scope, receive, send, rid, headers)

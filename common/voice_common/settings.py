@@ -28,6 +28,11 @@ class ServiceSettings(BaseSettings):
     log_json: bool = True
     max_body_mb: float = 25.0
     max_streams: int = Field(64, ge=1, description="open WebSocket streams; one more gets a fatal `error` event")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="web pages (scheme://host[:port]) besides this server's own that may open its WebSockets; "
+        "clients that send no Origin (services, SDKs) are not affected",
+    )
     models_dir: Path = default_models_dir()
 
     @property
