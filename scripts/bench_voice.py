@@ -71,7 +71,7 @@ async def session(
             first_audio = client.first_audio_at.get(turn)
             if first_audio is None:
                 continue
-            row = {"v2v_ms": (first_audio - end_of_speech) * 1000, "cut": float(cut)}
+            row = {"v2v_ms": (first_audio - end_of_speech) * 1000, "cut": float(cut), "t": end_of_speech}
             row["speculative"] = float(bool(metrics.event.get("speculative")))
             row.update({k: metrics.event[k] for k in STAGES if metrics.event.get(k) is not None})
             results.append(row)
@@ -104,6 +104,13 @@ def report(n: int, turns: int, rows: list[dict[str, float]], speculations: dict[
         f"{hits:.0f} of {len(rows)}, thrown away {thrown:.0f} ({speculations.get('wasted_tokens', 0):.0f} tokens)"
     )
     say(f"      error events: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
+    if len(rows) >= 9:  # does it hold up over a long run? (a prompt cache that thrashes would not)
+        by_time = sorted(rows, key=lambda r: r["t"])
+        third = len(by_time) // 3
+        early, late = median([r["v2v_ms"] for r in by_time[:third]]), median([r["v2v_ms"] for r in by_time[-third:]])
+        say(
+            f"      first third of the turns: median {early:.0f} ms; last third {late:.0f} ms ({late / early - 1:+.0%})"
+        )
 
 
 async def speculation_counts(app_url: str) -> dict[str, float]:
