@@ -349,30 +349,30 @@ async def test_tts_lost_mid_reply_finishes_in_text(harness: Harness) -> None:
     assert any(e["service"] == "tts" for e in client.of_type("error"))
 
 
-async def test_a_slow_llm_is_not_taken_for_a_stuck_tts(harness: Harness) -> None:
-    """Under load the first token can take longer than the TTS timeout: the TTS owed nothing yet."""
+async def typed_turn_with_short_tts_timeout(harness: Harness) -> tuple[VoiceClient, dict[str, object]]:
+    """One typed turn with `tts_timeout_s` at 0.3 s; the client (closed) and its reply_done event."""
     harness.settings.tts_timeout_s = 0.3
-    harness.fakes.first_token_delay_s = 0.8
     client = await harness.client()
     try:
         await client.send({"type": "text", "text": "Go."})
         done = await client.wait_for("reply_done", 5)
     finally:
         await client.close()
+    return client, done.event
+
+
+async def test_a_slow_llm_is_not_taken_for_a_stuck_tts(harness: Harness) -> None:
+    """Under load the first token can take longer than the TTS timeout: the TTS owed nothing yet."""
+    harness.fakes.first_token_delay_s = 0.8
+    client, done = await typed_turn_with_short_tts_timeout(harness)
     assert not client.of_type("error") and not [e for e in client.of_type("service_status") if e["status"] == "down"]
-    assert len(client.audio[done.event["turn"]]) > 0
+    assert len(client.audio[int(str(done["turn"]))]) > 0
 
 
 async def test_a_tts_that_never_answers_is_reported_and_the_reply_goes_on_in_text(harness: Harness) -> None:
-    harness.settings.tts_timeout_s = 0.3
     harness.fakes.tts_mute = True
-    client = await harness.client()
-    try:
-        await client.send({"type": "text", "text": "Go."})
-        done = await client.wait_for("reply_done", 5)
-    finally:
-        await client.close()
-    assert done.event["text"] == harness.fakes.reply
+    client, done = await typed_turn_with_short_tts_timeout(harness)
+    assert done["text"] == harness.fakes.reply
     down = [e for e in client.of_type("service_status") if e["status"] == "down"]
     assert down and down[0]["service"] == "tts", client.events
 
