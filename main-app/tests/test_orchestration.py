@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -349,7 +350,7 @@ async def test_tts_lost_mid_reply_finishes_in_text(harness: Harness) -> None:
     assert any(e["service"] == "tts" for e in client.of_type("error"))
 
 
-async def typed_turn_with_short_tts_timeout(harness: Harness) -> tuple[VoiceClient, dict[str, object]]:
+async def typed_turn_with_short_tts_timeout(harness: Harness) -> tuple[VoiceClient, dict[str, Any]]:
     """One typed turn with `tts_timeout_s` at 0.3 s; the client (closed) and its reply_done event."""
     harness.settings.tts_timeout_s = 0.3
     client = await harness.client()
@@ -366,7 +367,7 @@ async def test_a_slow_llm_is_not_taken_for_a_stuck_tts(harness: Harness) -> None
     harness.fakes.first_token_delay_s = 0.8
     client, done = await typed_turn_with_short_tts_timeout(harness)
     assert not client.of_type("error") and not [e for e in client.of_type("service_status") if e["status"] == "down"]
-    assert len(client.audio[int(str(done["turn"]))]) > 0
+    assert len(client.audio[done["turn"]]) > 0
 
 
 async def test_a_tts_that_never_answers_is_reported_and_the_reply_goes_on_in_text(harness: Harness) -> None:
