@@ -15,5 +15,17 @@ def test_trim_history_keeps_system_and_latest() -> None:
     assert trimmed[0].role == "system" and trimmed[-1] == msgs[-1]
     assert sum(estimate_tokens(m.content) for m in trimmed) <= 600
     assert trimmed[1].role == "user"
-    pair = [msgs[0], msgs[-1]]
-    assert trim_history(pair, 1) == pair  # the last message always stays
+    short = [msgs[0], ChatMessage(role="user", content="hello there")]
+    assert trim_history(short, 1) == short  # the last message always stays
+
+
+def test_an_over_long_last_message_is_cut_to_its_end() -> None:
+    for text in ("word " * 8000, "\U0001f600" * 2500):  # 40k characters; 2,500 emoji (~4 bytes each)
+        msgs = [ChatMessage(role="system", content="sys"), ChatMessage(role="user", content=text + " END")]
+        trimmed = trim_history(msgs, 1500)
+        assert trimmed[-1].content.endswith(" END") and len(trimmed[-1].content) < len(text)
+        assert sum(estimate_tokens(m.content) for m in trimmed) <= 1500
+
+
+def test_emoji_are_not_taken_for_cheap_tokens() -> None:
+    assert estimate_tokens("\U0001f600" * 100) >= 200 > estimate_tokens("a" * 400)

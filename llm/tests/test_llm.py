@@ -301,6 +301,16 @@ async def test_validation_errors(llm, body, code) -> None:
     assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
 
 
+async def test_a_message_beyond_the_context_is_cut_not_fatal(llm) -> None:
+    """2,500 emoji pass main-app's 4,000-character limit but not the model's 2,048-token context."""
+    flood = [{"role": "user", "content": "\U0001f600" * 2500 + " What is the capital of France?"}]
+    async with httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(f"{llm.url}/generate", json={"messages": flood, "max_tokens": 16, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text
+        r = await client.post(f"{llm.url}/generate", json={"messages": ASK, "temperature": 0})
+        assert r.status_code == 200 and "paris" in r.json()["response"].lower()  # and the engine is fine after
+
+
 async def test_a_huge_body_is_refused_at_once(server_llm) -> None:
     huge = {"messages": [{"role": "user", "content": "x" * 3_000_000}]}
     async with httpx.AsyncClient(timeout=30) as client:
