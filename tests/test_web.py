@@ -119,10 +119,14 @@ async def test_resume_a_conversation_from_the_list(stack, browser) -> None:
     await page.wait_for_function("window.voicechat.stats.replies > 1", timeout=60000)
     import httpx
 
+    # the conversation is this browser's: without its owner cookie the id finds nothing
+    secret = next(c["value"] for c in await page.context.cookies() if c["name"] == "voicechat_owner")
     async with httpx.AsyncClient() as http:
-        stored = (await http.get(f"{stack.url}/conversations/{cid}")).json()
+        assert (await http.get(f"{stack.url}/conversations/{cid}")).status_code == 404
+        mine = {"X-Owner-Token": secret}
+        stored = (await http.get(f"{stack.url}/conversations/{cid}", headers=mine)).json()
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
     await page.click(f"#conversation-list button.delete[data-id='{cid}']")
     await page.wait_for_function(f"window.voicechat.conversationId !== '{cid}'")
     async with httpx.AsyncClient() as http:
-        assert (await http.get(f"{stack.url}/conversations/{cid}")).status_code == 404
+        assert (await http.get(f"{stack.url}/conversations/{cid}", headers=mine)).status_code == 404

@@ -7,10 +7,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter, Histogram
@@ -19,6 +19,7 @@ from voice_common.app import create_service_app
 from voice_common.errors import ApiError
 from voice_common.protocol import ChatMessage, TurnMetrics
 
+from .owner import give_owner_cookie, owner_of
 from .reply import LLM_DOWN_REPLY, Generations, llm_request
 from .services import ServiceError, Services, WsServices, check_health
 from .session import Session
@@ -49,13 +50,13 @@ class AppContext:
             if wasted_tokens:
                 self.speculations.labels("wasted_tokens").inc(wasted_tokens)
 
-    async def conversation(self, cid: str | None) -> str:
-        """The conversation to continue (404 when unknown), or a new one."""
+    async def conversation(self, cid: str | None, owner: str) -> str:
+        """The owner's conversation to continue (404 when unknown or someone else's), or a new one."""
         if cid:
-            if not await self.store.exists(cid):
+            if not await self.store.exists(cid, owner):
                 raise ApiError(404, "conversation_not_found", f"no conversation {cid!r}")
             return cid
-        return await self.store.create()
+        return await self.store.create(owner)
 
     def observe(self, metrics: TurnMetrics) -> None:
         if self.stage_seconds is None:
@@ -68,6 +69,9 @@ class AppContext:
     async def close(self) -> None:
         self.store.close()
         await self.http.aclose()
+
+
+Owner = Annotated[str, Depends(owner_of)]
 
 
 class ChatRequest(BaseModel):
@@ -127,27 +131,27 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
         return r.json()
 
     @app.get("/conversations")
-    async def list_conversations() -> dict[str, Any]:
-        return {"conversations": await ctx().store.list()}
+    async def list_conversations(owner: Owner) -> dict[str, Any]:
+        return {"conversations": await ctx().store.list(owner)}
 
     @app.get("/conversations/{cid}")
-    async def get_conversation(cid: str) -> dict[str, Any]:
-        meta = await ctx().store.get(cid)
+    async def get_conversation(cid: str, owner: Owner) -> dict[str, Any]:
+        meta = await ctx().store.get(cid, owner)
         if meta is None:
             raise ApiError(404, "conversation_not_found", f"no conversation {cid!r}")
         return {**meta, "messages": await ctx().store.messages(cid)}
 
     @app.delete("/conversations/{cid}")
-    async def delete_conversation(cid: str) -> dict[str, Any]:
-        if not await ctx().store.delete(cid):
+    async def delete_conversation(cid: str, owner: Owner) -> dict[str, Any]:
+        if not await ctx().store.delete(cid, owner):
             raise ApiError(404, "conversation_not_found", f"no conversation {cid!r}")
         return {"deleted": cid}
 
     @app.post("/chat")
-    async def chat(req: ChatRequest) -> Any:
+    async def chat(req: ChatRequest, owner: Owner) -> Any:
         """Text chat for clients without a WebSocket: JSON, or SSE like the LLM service."""
         store = ctx().store
-        cid = await ctx().conversation(req.conversation_id)
+        cid = await ctx().conversation(req.conversation_id, owner)
         await store.add(cid, "user", req.message, "text")
         history = [ChatMessage(role=m["role"], content=m["content"]) for m in await store.messages(cid)]
         t0 = time.monotonic()
@@ -195,7 +199,9 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
         app.mount("/static", StaticFiles(directory=settings.web_dir), name="static")
 
         @app.get("/", include_in_schema=False)
-        async def index() -> FileResponse:
-            return FileResponse(settings.web_dir / "index.html")
+        async def index(request: Request) -> FileResponse:
+            page = FileResponse(settings.web_dir / "index.html")
+            give_owner_cookie(request, page)
+            return page
 
     return app

@@ -27,6 +27,7 @@ class VoiceClient:
     first_audio_at: dict[int, float] = field(default_factory=dict)
     ws: ClientConnection | None = None
     conversation_id: str | None = None
+    owner_token: str | None = None  # the secret that makes conversations this client's (main_app.owner)
     output_rate: int = 22050
     _turn: int | None = None
     _reader: asyncio.Task[None] | None = None
@@ -36,7 +37,8 @@ class VoiceClient:
     async def connect(
         self, conversation_id: str | None = None, speak: bool = True, rate: int = 16000
     ) -> dict[str, Any]:
-        self.ws = await websockets.connect(self.url, max_size=8 * 1024 * 1024)
+        headers = {"X-Owner-Token": self.owner_token} if self.owner_token else None
+        self.ws = await websockets.connect(self.url, max_size=8 * 1024 * 1024, additional_headers=headers)
         await self.ws.send(
             json.dumps({"type": "start", "format": {"rate": rate}, "conversation_id": conversation_id, "speak": speak})
         )

@@ -33,6 +33,7 @@ from voice_common.protocol import (
 from voice_common.streams import StreamHandler
 
 from .outbox import Outbox
+from .owner import owner_of
 from .reply import Reply, ReplyContext, ReplyState
 from .speech import SpeechInput
 
@@ -102,7 +103,7 @@ class Session(StreamHandler[BrowserEvent]):
             return
         try:
             start.format.check()
-            cid = await self.ctx.conversation(start.conversation_id)
+            cid = await self.ctx.conversation(start.conversation_id, owner_of(self.socket))
         except AudioError as exc:
             await self.out.error("main-app", "unsupported_format", str(exc))
             return

@@ -1,4 +1,8 @@
-"""Conversations in SQLite: one file, voice and text turns in the same thread."""
+"""Conversations in SQLite: one file, voice and text turns in the same thread.
+
+Every conversation has an owner (a hash of the browser's owner cookie, see `owner.py`); listing,
+reading, resuming and deleting only ever see the caller's own. Conversations stored before owners
+existed, and those of clients that send no owner, belong to the anonymous owner ''."""
 
 from __future__ import annotations
 
@@ -12,13 +16,15 @@ from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
-    id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '', created REAL NOT NULL, updated REAL NOT NULL);
+    id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '', created REAL NOT NULL, updated REAL NOT NULL,
+    owner TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     role TEXT NOT NULL, content TEXT NOT NULL, source TEXT NOT NULL DEFAULT 'text',
     interrupted INTEGER NOT NULL DEFAULT 0, turn INTEGER, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
+OWNER_INDEX = "CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated)"
 
 
 class Store:
@@ -31,6 +37,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(conversations)")}
+        if "owner" not in columns:  # a database from before owners: its conversations become anonymous
+            self.db.execute("ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        self.db.execute(OWNER_INDEX)
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -44,16 +54,18 @@ class Store:
 
         return await asyncio.to_thread(work)
 
-    async def create(self, title: str = "") -> str:
+    async def create(self, owner: str = "", title: str = "") -> str:
         cid = uuid.uuid4().hex[:16]
         now = time.time()
         await self._run(
-            "INSERT INTO conversations (id, title, created, updated) VALUES (?, ?, ?, ?)", (cid, title, now, now)
+            "INSERT INTO conversations (id, title, created, updated, owner) VALUES (?, ?, ?, ?, ?)",
+            (cid, title, now, now, owner),
         )
         return cid
 
-    async def exists(self, cid: str) -> bool:
-        return bool(await self._run("SELECT 1 FROM conversations WHERE id = ?", (cid,), fetch=True))
+    async def exists(self, cid: str, owner: str = "") -> bool:
+        rows = await self._run("SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (cid, owner), fetch=True)
+        return bool(rows)
 
     async def add(
         self,
@@ -95,21 +107,23 @@ class Store:
         )
         return [{**dict(r), "interrupted": bool(r["interrupted"])} for r in rows]
 
-    async def list(self, limit: int = 100) -> list[dict[str, Any]]:
+    async def list(self, owner: str = "", limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._run(
             "SELECT c.id, c.title, c.created, c.updated,"
             " (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS messages"
-            " FROM conversations c ORDER BY c.updated DESC LIMIT ?",
-            (limit,),
+            " FROM conversations c WHERE c.owner = ? ORDER BY c.updated DESC LIMIT ?",
+            (owner, limit),
             fetch=True,
         )
         return [dict(r) for r in rows]
 
-    async def get(self, cid: str) -> dict[str, Any] | None:
-        rows = await self._run("SELECT id, title, created, updated FROM conversations WHERE id = ?", (cid,), fetch=True)
+    async def get(self, cid: str, owner: str = "") -> dict[str, Any] | None:
+        rows = await self._run(
+            "SELECT id, title, created, updated FROM conversations WHERE id = ? AND owner = ?", (cid, owner), fetch=True
+        )
         return dict(rows[0]) if rows else None
 
-    async def delete(self, cid: str) -> bool:
-        existed = await self.exists(cid)
-        await self._run("DELETE FROM conversations WHERE id = ?", (cid,))
+    async def delete(self, cid: str, owner: str = "") -> bool:
+        existed = await self.exists(cid, owner)
+        await self._run("DELETE FROM conversations WHERE id = ? AND owner = ?", (cid, owner))
         return existed

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from main_app.app import AppContext, create_app
@@ -631,7 +632,7 @@ async def test_reply_states_run_in_order(tmp_path: Path) -> None:
 
     reply.ctx.on_state = changed
     reply.settings = reply.settings.model_copy(update={"playback_lead_ms": 5000})
-    await reply.ctx.store.create("t")  # the conversation must exist for history
+    await reply.ctx.store.create(title="t")  # the conversation must exist for history
     reply.ctx.conversation_id = (await reply.ctx.store.list())[0]["id"]
     reply.start(asyncio.create_task)
     assert reply.task is not None
@@ -641,3 +642,31 @@ async def test_reply_states_run_in_order(tmp_path: Path) -> None:
     assert isinstance(fakes, FakeServices)
     sent_text = "".join(e.text for e in fakes.ttss[-1].of(TtsText))
     assert sent_text == fakes.reply and fakes.ttss[-1].of(Stop)
+
+
+async def test_conversations_are_their_owners_only(harness: Harness) -> None:
+    """An id seen elsewhere lists, reads, resumes or deletes nothing: conversations belong to the browser
+    (owner cookie) or API client (X-Owner-Token) that started them."""
+    base = harness.url.replace("ws://", "http://").removesuffix("/ws")
+    async with httpx.AsyncClient(base_url=base) as alice, httpx.AsyncClient(base_url=base) as mallory:
+        page = await alice.get("/")  # loading the page hands out the owner cookie
+        assert "httponly" in page.headers["set-cookie"].lower()
+        r = await alice.post("/chat", json={"message": "my secret plan"})
+        cid = r.json()["conversation_id"]
+        assert [c["id"] for c in (await alice.get("/conversations")).json()["conversations"]] == [cid]
+        await mallory.get("/")
+        assert mallory.cookies["voicechat_owner"] != alice.cookies["voicechat_owner"]
+        assert (await mallory.get("/conversations")).json()["conversations"] == []
+        assert (await mallory.get(f"/conversations/{cid}")).status_code == 404
+        assert (await mallory.delete(f"/conversations/{cid}")).status_code == 404
+        token = alice.cookies["voicechat_owner"]
+    stranger = VoiceClient(harness.url)  # no owner secret: the anonymous owner
+    with pytest.raises(RuntimeError, match="conversation_not_found"):
+        await stranger.connect(conversation_id=cid)
+    await stranger.close()
+    owner = VoiceClient(harness.url, owner_token=token)
+    try:
+        ready = await owner.connect(conversation_id=cid)
+    finally:
+        await owner.close()
+    assert ready["history"][0]["content"] == "my secret plan"
