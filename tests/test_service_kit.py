@@ -7,7 +7,6 @@ import json
 import httpx
 import pytest
 import websockets
-from websockets.exceptions import InvalidStatus
 
 from tests.helpers import librivox_clips
 
@@ -66,10 +65,16 @@ async def test_api_key(start_service) -> None:
         assert (await http.get(f"{vad.url}/info", headers={"Authorization": "Bearer wrong"})).status_code == 401
         assert (await http.get(f"{vad.url}/info", headers={"Authorization": "Bearer s3cret"})).status_code == 200
         assert (await http.get(f"{vad.url}/info", headers={"X-API-Key": "s3cret"})).status_code == 200
+        # strange bytes in a key or a request id are a 401 / an ordinary request, never a 500
+        odd = await http.get(f"{vad.url}/info", headers={b"X-API-Key": "s3crét".encode("latin-1")})
+        assert odd.status_code == 401
+        rid = await http.get(f"{vad.url}/healthz", headers={b"X-Request-ID": b"\xff\xfe-id"})
+        assert rid.status_code == 200 and rid.headers["x-request-id"] == "-id"
     ws_url = vad.url.replace("http", "ws") + "/ws"
-    with pytest.raises(InvalidStatus):
-        async with websockets.connect(ws_url):
-            pass
+    async with websockets.connect(ws_url) as ws:  # no key: accepted, then closed with 1008
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1008
     async with websockets.connect(ws_url, additional_headers={"X-API-Key": "s3cret"}) as ws:
         await ws.send(json.dumps({"type": "start"}))
         assert json.loads(await ws.recv())["type"] == "ready"

@@ -64,20 +64,21 @@ class GateMiddleware:
         key = self.settings.api_key
         if not key or scope["path"] in OPEN_PATHS:
             return True
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        headers = _text_headers(scope)
         supplied = headers.get("x-api-key")
         auth = headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             supplied = auth[7:].strip()
         if supplied is None and scope["type"] == "websocket":  # browsers cannot set WS headers
             supplied = (parse_qs(scope.get("query_string", b"").decode()).get("api_key") or [None])[0]
-        return supplied is not None and hmac.compare_digest(supplied, key)
+        # bytes: compare_digest refuses str with non-ASCII characters (a 500 on a strange key)
+        return supplied is not None and hmac.compare_digest(supplied.encode(), key.encode())
 
     def _origin_allowed(self, scope: Scope) -> bool:
         """A browser tells where the page that opens a WebSocket came from; only this server's own pages
         (and `allowed_origins`) may talk to it, so a page on another site cannot reach a conversation
         through the user's browser. Non-browser clients send no Origin."""
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        headers = _text_headers(scope)
         origin = headers.get("origin")
         if origin is None:
             return True
@@ -90,12 +91,15 @@ class GateMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))
-        rid = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex[:16]
+        supplied_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = "".join(c for c in supplied_id if "!" <= c <= "~")[:64] or uuid.uuid4().hex[:16]
         token = request_id.set(rid)
         try:
             if not self._authorized(scope):
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008, "reason": "invalid or missing API key"})
+                if scope["type"] == "websocket":  # accepted, then closed: the client sees 1008, not a bare 403
+                    if (await receive())["type"] == "websocket.connect":
+                        await send({"type": "websocket.accept"})
+                        await send({"type": "websocket.close", "code": 1008, "reason": "invalid or missing API key"})
                     return
                 body = error_body(401, "unauthorized", "invalid or missing API key")
                 await _json_response(401, body)(scope, receive, send)
@@ -152,6 +156,11 @@ class GateMiddleware:
             path = getattr(route, "path", "unmatched")
             self.requests.labels(scope["method"], path, str(status)).inc()
             self.latency.labels(path).observe(time.perf_counter() - t0)
+
+
+def _text_headers(scope: Scope) -> dict[str, str]:
+    """Header names and values as text; latin-1, as HTTP defines them, so no byte sequence fails."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
 class _BodyTooLarge(Exception):

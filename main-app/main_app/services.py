@@ -151,6 +151,7 @@ class WsServices:
         try:
             ws = await websockets.connect(
                 url,
+                additional_headers=self.settings.downstream_headers,
                 open_timeout=self.settings.connect_timeout_s,
                 close_timeout=1.0,
                 max_size=4 * 1024 * 1024,

@@ -52,5 +52,9 @@ class AppSettings(ServiceSettings):
         return self.data_dir / "conversations.sqlite3"
 
     def ws_url(self, base: str, path: str = "/ws") -> str:
-        url = base.replace("https://", "wss://").replace("http://", "ws://") + path
-        return url + (f"?api_key={self.downstream_api_key}" if self.downstream_api_key else "")
+        return base.replace("https://", "wss://").replace("http://", "ws://") + path
+
+    @property
+    def downstream_headers(self) -> dict[str, str] | None:
+        """The key goes in a header, never in the URL (URLs end up in access logs)."""
+        return {"Authorization": f"Bearer {self.downstream_api_key}"} if self.downstream_api_key else None
