@@ -275,3 +275,25 @@ async def test_browser_going_away_closes_every_downstream_stream(stack) -> None:
     await asyncio.sleep(1.5)
     assert await llm_tokens_so_far() == stopped  # generation stopped with the session
     assert await open_streams("vad") == 0 and await open_streams("stt") == 0
+
+
+async def test_services_behind_a_key(start_service, tmp_path) -> None:
+    """With keys on the services, main-app authenticates in a header (a key in the URL would land in the
+    services' access logs) and a whole voice turn works."""
+    key = {"VAD_API_KEY": "k3y", "STT_API_KEY": "k3y", "TTS_API_KEY": "k3y", "LLM_API_KEY": "k3y"}
+    services = {name: start_service(name, **key) for name in ("vad", "stt", "tts", "llm")}
+    env = {f"APP_{name.upper()}_URL": proc.url for name, proc in services.items()}
+    app = start_service("main-app", APP_DATA_DIR=str(tmp_path), APP_DOWNSTREAM_API_KEY="k3y", **env)
+    client = VoiceClient(app.url.replace("http", "ws") + "/ws")
+    await client.connect()
+    try:
+        await client.stream(QUIET + CLIPS[4].pcm16() + TAIL)
+        final = await client.wait_for("transcript", 30, final=True)
+        done = await client.wait_for("reply_done", 60)
+    finally:
+        await client.close()
+    assert wer(CLIPS[4].text, final.event["text"]) < 0.2 and done.event["text"]
+    assert len(client.audio[done.event["turn"]]) > 0 and not client.of_type("error")
+    for name, proc in services.items():
+        assert proc.log_path is not None
+        assert "k3y" not in proc.log_path.read_text(errors="replace"), f"{name} logged the key"
