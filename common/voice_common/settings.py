@@ -21,7 +21,9 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True, populate_by_name=True)
 
-    host: str = "0.0.0.0"
+    host: str = Field(
+        "127.0.0.1", description="loopback unless opted in: 0.0.0.0 serves the LAN (the container images set it)"
+    )
     port: int = 8000
     api_key: str | None = None
     log_level: str = "INFO"
