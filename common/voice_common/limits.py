@@ -105,5 +105,5 @@ class Limiter:
 
     @property
     def alone(self) -> bool:
-        """Exactly one job running and none waiting: it may use every core (see `threads_for`)."""
+        """At most one job running and none waiting: it may use every core (tts_service.engine.Scheduler)."""
         return self.active <= 1 and not self.waiting
