@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from voice_common.backoff import Backoff
 from voice_common.settings import REPO_ROOT
 
 
@@ -103,8 +104,9 @@ class Supervisor:
         self.procs = procs
         self.logs = logs
         self.stopping = False
-        self.backoff = {p.spec.name: 1.0 for p in procs}
-        self.started = {p.spec.name: time.monotonic() for p in procs}
+        self.backoff = {p.spec.name: Backoff(first=1.0, cap=30.0, reset_after_s=60.0) for p in procs}
+        for backoff in self.backoff.values():
+            backoff.up()
         self.due: dict[str, float] = {}  # name -> when to restart it
 
     def install_signals(self) -> None:
@@ -120,10 +122,7 @@ class Supervisor:
             for p in self.procs:
                 name = p.spec.name
                 if p.proc is not None and p.proc.poll() is not None and name not in self.due:
-                    if now - self.started[name] > 60:
-                        self.backoff[name] = 1.0
-                    delay = self.backoff[name]
-                    self.backoff[name] = min(delay * 2, 30.0)
+                    delay = self.backoff[name].next()
                     self.due[name] = now + delay
                     print(
                         f"  {name} exited with {p.proc.returncode}; restarting in {delay:.0f} s "
@@ -133,7 +132,7 @@ class Supervisor:
                 elif name in self.due and now >= self.due[name]:
                     del self.due[name]
                     p.start()
-                    self.started[name] = now
+                    self.backoff[name].up()
                     print(f"  {name} restarted (pid {p.proc.pid if p.proc else '?'})", flush=True)
             time.sleep(0.2)
 

@@ -32,6 +32,7 @@ from collections import deque
 from pathlib import Path
 
 import httpx
+from voice_common.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ class LlamaServer:
         self.lock = threading.Lock()  # spawn vs stop: a restart never outlives the service
         self.ready = threading.Event()  # started and answering; cleared while it restarts
         self.restarts = 0
+        self.backoff = Backoff(first=1.0, cap=30.0, reset_after_s=60.0)
 
     def start(self, timeout_s: float = 120) -> None:
         """Start and wait until the model is loaded; then keep watching it from a daemon thread."""
@@ -220,6 +222,7 @@ class LlamaServer:
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     self.ready.set()
+                    self.backoff.up()
                     return
             except httpx.HTTPError:
                 pass
@@ -227,25 +230,23 @@ class LlamaServer:
         raise TimeoutError(f"llama-server not ready after {timeout_s:.0f} s")
 
     def _watch(self) -> None:
-        backoff = 1.0
         while not self.closing.is_set():
             assert self.proc is not None
             code = self.proc.wait()
             self.ready.clear()
             if self.closing.is_set():
                 return
-            logger.error("llama-server exited with %s; restarting in %.0f s:\n%s", code, backoff, "\n".join(self.tail))
-            if self.closing.wait(backoff):
+            delay = self.backoff.next()
+            logger.error("llama-server exited with %s; restarting in %.0f s:\n%s", code, delay, "\n".join(self.tail))
+            if self.closing.wait(delay):
                 return
             self.restarts += 1
-            started = time.monotonic()
             try:
                 self._spawn()
                 self._wait_ready(120)
                 logger.info("llama-server is back after %d restart(s)", self.restarts)
             except (RuntimeError, TimeoutError) as exc:
                 logger.error("llama-server restart failed: %s", exc)
-            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
 
     def alive(self) -> bool:
         return self.ready.is_set() and self.proc is not None and self.proc.poll() is None

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from voice_common.audio import AudioFormat
+from voice_common.backoff import Backoff
 from voice_common.protocol import (
     ErrorEvent,
     Final,
@@ -100,13 +101,13 @@ class SpeechInput:
         handle: Callable[[Any], Awaitable[None]],
         closed: Callable[[], None],
     ) -> None:
-        backoff = 0.5
+        backoff = Backoff(first=0.5, cap=5.0, reset_after_s=0.0)  # a link that opened starts over
         while True:
             try:
                 stream = await open_()
                 try:
                     await self.out.service_up(service)
-                    backoff = 0.5
+                    backoff.up()
                     async for event in stream:
                         if not isinstance(event, bytes):
                             await handle(event)
@@ -116,8 +117,7 @@ class SpeechInput:
                     await stream.close(abort=True)
             except ServiceError as exc:
                 await self.out.service_down(service, f"{what} unavailable ({exc.message}); typing still works")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            await asyncio.sleep(backoff.next())
 
     # --- audio in ---------------------------------------------------------------------------------
 
