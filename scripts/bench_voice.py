@@ -25,7 +25,7 @@ from _bench import median, pct, say, services
 from main_app.client import VoiceClient
 from voice_common.audio import float32_to_pcm16, load_mono
 
-from tests.helpers import librivox_clips, silence, with_pause
+from tests.helpers import Clip, librivox_clips, silence, with_pause
 
 STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_sent_ms", "turn_inference_ms")
 
@@ -34,6 +34,39 @@ def speech_end_ms(samples: np.ndarray) -> float:
     frames = samples[: len(samples) // 320 * 320].reshape(-1, 320)
     loud = np.nonzero(np.sqrt((frames**2).mean(axis=1)) > 10 ** (-35 / 20))[0]
     return float((loud[-1] + 1) * 20)
+
+
+async def one_turn(client: VoiceClient, clip: Clip, pause_ms: int = 0) -> dict[str, float] | None:
+    """Stream one recorded question in real time; its latency row once the reply is done (None: the
+    reply had no audio). Raises TimeoutError when no reply comes in 120 s."""
+    speech, _ = load_mono(clip.data, 16000)
+    if pause_ms:
+        speech, _ = with_pause(speech, pause_ms)
+    lead = 400
+    pcm = float32_to_pcm16(np.concatenate([silence(lead), speech, silence(2000)]))
+    t_start = time.monotonic()
+    sender = asyncio.create_task(client.stream(pcm))
+    try:
+        end_of_speech = t_start + (lead + speech_end_ms(speech)) / 1000
+        done = await client.wait_for("reply_done", 120, after=end_of_speech, interrupted=False)
+        metrics = await client.wait_for("metrics", 10, after=done.t)
+        await sender
+    finally:
+        sender.cancel()
+    cut = any(
+        r.event["type"] == "transcript" and r.event["final"] and t_start <= r.t < end_of_speech for r in client.events
+    )
+    first_audio = client.first_audio_at.get(done.event["turn"])
+    if first_audio is None:
+        return None
+    row = {"v2v_ms": (first_audio - end_of_speech) * 1000, "cut": float(cut), "t": end_of_speech}
+    row["speculative"] = float(bool(metrics.event.get("speculative")))
+    row.update({k: metrics.event[k] for k in STAGES if metrics.event.get(k) is not None})
+    return row
+
+
+def error_events(client: VoiceClient) -> list[str]:
+    return [f"{r.event.get('code')}: {r.event.get('message')}" for r in client.events if r.event["type"] == "error"]
 
 
 async def session(
@@ -51,37 +84,14 @@ async def session(
     await client.connect()
     try:
         for i in range(turns):
-            clip = clips[(offset + i) % len(clips)]
-            speech, _ = load_mono(clip.data, 16000)
-            if pause_ms:
-                speech, _ = with_pause(speech, pause_ms)
-            lead = 400
-            pcm = float32_to_pcm16(np.concatenate([silence(lead), speech, silence(2000)]))
-            t_start = time.monotonic()
-            sender = asyncio.create_task(client.stream(pcm))
-            end_of_speech = t_start + (lead + speech_end_ms(speech)) / 1000
-            done = await client.wait_for("reply_done", 120, after=end_of_speech, interrupted=False)
-            metrics = await client.wait_for("metrics", 10, after=done.t)
-            await sender
-            cut = any(
-                r.event["type"] == "transcript" and r.event["final"] and t_start <= r.t < end_of_speech
-                for r in client.events
-            )
-            turn = done.event["turn"]
-            first_audio = client.first_audio_at.get(turn)
-            if first_audio is None:
-                continue
-            row = {"v2v_ms": (first_audio - end_of_speech) * 1000, "cut": float(cut), "t": end_of_speech}
-            row["speculative"] = float(bool(metrics.event.get("speculative")))
-            row.update({k: metrics.event[k] for k in STAGES if metrics.event.get(k) is not None})
-            results.append(row)
+            row = await one_turn(client, clips[(offset + i) % len(clips)], pause_ms)
+            if row is not None:
+                results.append(row)
             await asyncio.sleep(1.0)  # let the reply play out a little before the next question
     except TimeoutError:
         errors.append("a turn got no reply in 120 s")
     finally:
-        errors.extend(
-            f"{r.event.get('code')}: {r.event.get('message')}" for r in client.events if r.event["type"] == "error"
-        )
+        errors.extend(error_events(client))
         await client.close()
 
 
