@@ -14,36 +14,12 @@ import argparse
 import asyncio
 import os
 import time
-from pathlib import Path
 
 from _bench import median, pct, say, services
 from bench_voice import error_events, one_turn
 from main_app.client import VoiceClient
 
-from tests.helpers import librivox_clips
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its descendants, in MB (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
+from tests.helpers import librivox_clips, rss_mb
 
 
 async def talker(url: str, index: int, deadline: float, rows: list[dict[str, float]], errors: list[str]) -> int:

@@ -91,3 +91,26 @@ def with_pause(samples: np.ndarray, pause_ms: int, rate: int = 16000) -> tuple[n
     cut = (lo + int(np.argmin(energy[lo:hi]))) * hop
     pause = np.zeros(int(rate * pause_ms / 1000), dtype=samples.dtype)
     return np.concatenate([samples[:cut], pause, samples[cut:]]), cut * 1000 / rate
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants, in MB (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total

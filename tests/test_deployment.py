@@ -80,17 +80,29 @@ def test_ports_health_urls_and_cmd_match_the_code(service: str) -> None:
     port = default_port(service)
     text = dockerfile(service)
     assert f"EXPOSE {port}\n" in text
-    assert f"http://127.0.0.1:{port}/healthz" in text
+    assert f"http://127.0.0.1:{port}/readyz" in text  # ready, not just alive: 503 while the model loads
     assert f'CMD ["python", "-m", "{PACKAGES[service]}"]' in text
     prefix = str(SETTINGS[service].model_config["env_prefix"])
     assert dockerfile_env(text)[f"{prefix}PORT"] == str(port)
     assert "USER app" in text and text.count("FROM ") == 2  # non-root, multi-stage
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"][service]
-    assert f"http://127.0.0.1:{port}/healthz" in " ".join(compose["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{port}/readyz" in " ".join(compose["healthcheck"]["test"])
     assert compose["environment"][f"{prefix}PORT"] == str(port)
     urls = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["main-app"]["environment"]
     if service != "main-app":
         assert urls[f"APP_{service.upper()}_URL"] == f"http://{service}:{port}"
+
+
+def test_images_are_pinned_and_build_contexts_lean() -> None:
+    for path in COMPOSE_FILES:
+        for name, svc in yaml.safe_load(path.read_text())["services"].items():
+            if "build" not in svc:  # pulled, not built: a fixed version, never `latest`
+                assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+", svc["image"]), (path.name, name, svc["image"])
+    for service in SETTINGS:
+        for base in re.findall(r"^FROM (\S+)", dockerfile(service), re.M):
+            assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), (service, base)
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "models", "data", "test-artifacts"} <= {line.strip("/") for line in ignored}
 
 
 def test_every_compose_variable_is_in_env_example() -> None:

@@ -60,8 +60,15 @@ async def test_api_key(start_service) -> None:
     vad = start_service("vad", VAD_API_KEY="s3cret")
     async with httpx.AsyncClient(timeout=30) as http:
         assert (await http.get(f"{vad.url}/healthz")).status_code == 200  # stays open for probes
+        app = start_service("main-app", APP_API_KEY="s3cret")  # its health names the services behind it
+        open_health = await http.get(f"{app.url}/healthz")  # ... but shows no details without the key
+        assert open_health.status_code == 200 and set(open_health.json()) == {"service", "status"}
+        detailed = await http.get(f"{app.url}/healthz", headers={"X-API-Key": "s3cret"})
+        assert "downstream" in detailed.json()
+        for probe in ("/livez", "/readyz"):
+            assert (await http.get(f"{vad.url}{probe}")).status_code == 200
         denied = await http.get(f"{vad.url}/info")
-        assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
         assert (await http.get(f"{vad.url}/info", headers={"Authorization": "Bearer wrong"})).status_code == 401
         assert (await http.get(f"{vad.url}/info", headers={"Authorization": "Bearer s3cret"})).status_code == 200
         assert (await http.get(f"{vad.url}/info", headers={"X-API-Key": "s3cret"})).status_code == 200
@@ -105,6 +112,8 @@ async def test_health_is_503_with_a_reason_until_the_model_loads(start_service, 
                     break
                 await asyncio.sleep(0.1)
             assert body["status"] == "unavailable" and "model failed to load" in body["reason"]
+            assert (await http.get(f"{proc.url}/livez")).status_code == 200  # alive: no restart loop
+            assert (await http.get(f"{proc.url}/readyz")).status_code == 503  # but no traffic
             r = await http.post(f"{proc.url}/transcribe", files={"file": ("a.wav", librivox_clips()[1].data)})
             assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
             assert r.headers["retry-after"]

@@ -29,3 +29,19 @@ def test_an_over_long_last_message_is_cut_to_its_end() -> None:
 
 def test_emoji_are_not_taken_for_cheap_tokens() -> None:
     assert estimate_tokens("\U0001f600" * 100) >= 200 > estimate_tokens("a" * 400)
+
+
+def test_the_kept_history_starts_at_the_same_message_for_many_turns() -> None:
+    """So the LLM's prompt cache keeps the conversation: trimming one turn at a time would change the
+    prompt's start every turn once a conversation is long, and the backend would re-read all of it."""
+    history = [ChatMessage(role="system", content="You are a voice assistant.")]
+    starts = []
+    for turn in range(80):
+        history.append(ChatMessage(role="user", content=f"question {turn} " + "words " * 20))
+        trimmed = trim_history(history, 1500)
+        assert sum(estimate_tokens(m.content) for m in trimmed) <= 1500 and trimmed[1].role == "user"
+        assert trimmed[-1] == history[-1]
+        starts.append(trimmed[1].content)
+        history.append(ChatMessage(role="assistant", content=f"answer {turn} " + "reply " * 60))
+    moves = sum(a != b for a, b in zip(starts, starts[1:], strict=False))
+    assert 2 <= moves <= 80 // 5, moves  # it does trim, in big steps (one turn at a time: ~70 moves)

@@ -16,7 +16,7 @@ from voice_common.app import create_service_app
 from voice_common.limits import Limiter
 from voice_common.protocol import Cancel, Cancelled, Done, Stop, _adapter
 from voice_common.settings import ServiceSettings
-from voice_common.streams import StreamHandler
+from voice_common.streams import ErrorBudget, StreamHandler
 
 from tests.helpers import free_port
 
@@ -154,3 +154,30 @@ async def test_only_this_servers_pages_and_allowed_origins_open_a_stream() -> No
             async with websockets.connect(url, origin="https://evil.example"):  # type: ignore[arg-type]
                 pass
         assert refused.value.response.status_code == 403
+
+
+class ShortWindow(Slow):
+    def __init__(self, socket: WebSocket, engine: Any) -> None:
+        super().__init__(socket, engine)
+        self.errors = ErrorBudget(burst=10, window_s=1.0)
+
+
+async def test_a_flood_of_bad_frames_gets_a_few_errors_then_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    app = create_service_app(
+        name="demo", settings=ServiceSettings(), load=None, engine=object(), stream=lambda s, e: ShortWindow(s, e)
+    )
+    async for url in serve(app):
+        async with websockets.connect(url) as ws:
+            for _ in range(500):
+                await ws.send("not json")
+            await ws.send(json.dumps({"type": "stop"}))
+            await ws.send(json.dumps({"type": "cancel"}))
+            errors = []
+            while (event := json.loads(await asyncio.wait_for(ws.recv(), 5)))["type"] != "cancelled":
+                errors.append(event)
+            assert len(errors) == 10 and all(e["code"] == "bad_event" for e in errors)  # the stream lives on
+            await asyncio.sleep(1.0)  # a later error (next window) says how many were held back
+            await ws.send("still not json")
+            later = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert "490 more errors held back" in later["message"]
+    assert sum("error to the client" in r.message for r in caplog.records) <= 12

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,7 +27,7 @@ from .streams import StreamGate, StreamHandler
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-OPEN_PATHS = {"/healthz"}
+OPEN_PATHS = {"/healthz", "/livez", "/readyz"}  # probes need no key
 
 
 class EngineSlot(Generic[T]):
@@ -61,18 +61,7 @@ class GateMiddleware:
         self.latency = latency
 
     def _authorized(self, scope: Scope) -> bool:
-        key = self.settings.api_key
-        if not key or scope["path"] in OPEN_PATHS:
-            return True
-        headers = _text_headers(scope)
-        supplied = headers.get("x-api-key")
-        auth = headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            supplied = auth[7:].strip()
-        if supplied is None and scope["type"] == "websocket":  # browsers cannot set WS headers
-            supplied = (parse_qs(scope.get("query_string", b"").decode()).get("api_key") or [None])[0]
-        # bytes: compare_digest refuses str with non-ASCII characters (a 500 on a strange key)
-        return supplied is not None and hmac.compare_digest(supplied.encode(), key.encode())
+        return scope["path"] in OPEN_PATHS or has_key(self.settings, scope)
 
     def _origin_allowed(self, scope: Scope) -> bool:
         """A browser tells where the page that opens a WebSocket came from; only this server's own pages
@@ -101,7 +90,7 @@ class GateMiddleware:
                         await send({"type": "websocket.accept"})
                         await send({"type": "websocket.close", "code": 1008, "reason": "invalid or missing API key"})
                     return
-                body = error_body(401, "unauthorized", "invalid or missing API key")
+                body = error_body(401, "invalid_api_key", "invalid or missing API key")
                 await _json_response(401, body)(scope, receive, send)
                 return
             if scope["type"] == "websocket":
@@ -132,7 +121,7 @@ class GateMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.settings.max_body_mb)
             return message
 
         async def send_with_id(message: Message) -> None:
@@ -158,13 +147,35 @@ class GateMiddleware:
             self.latency.labels(path).observe(time.perf_counter() - t0)
 
 
+def has_key(settings: ServiceSettings, scope: Scope) -> bool:
+    """Whether a request carries the service's API key (always true when none is set)."""
+    key = settings.api_key
+    if not key:
+        return True
+    headers = _text_headers(scope)
+    supplied = headers.get("x-api-key")
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        supplied = auth[7:].strip()
+    if supplied is None and scope["type"] == "websocket":  # browsers cannot set WS headers
+        supplied = (parse_qs(scope.get("query_string", b"").decode()).get("api_key") or [None])[0]
+    # bytes: compare_digest refuses str with non-ASCII characters (a 500 on a strange key)
+    return supplied is not None and hmac.compare_digest(supplied.encode(), key.encode())
+
+
 def _text_headers(scope: Scope) -> dict[str, str]:
     """Header names and values as text; latin-1, as HTTP defines them, so no byte sequence fails."""
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive` when a body without Content-Length outgrows the limit. An HTTPException,
+    so FastAPI's body parsing passes it on (it turns other errors into a 400) and it is answered 413."""
+
+    code = "payload_too_large"
+
+    def __init__(self, limit_mb: float) -> None:
+        super().__init__(413, f"request body over {limit_mb:g} MB")
 
 
 def create_service_app(
@@ -218,18 +229,31 @@ def create_service_app(
     app.state.registry = registry
     install_error_handlers(app)
     requests = Counter("http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
-    latency = Histogram("http_request_seconds", "HTTP request latency", ["route"], registry=registry)
+    latency = Histogram("http_request_duration_seconds", "HTTP request latency", ["route"], registry=registry)
     app.add_middleware(GateMiddleware, settings=settings, requests=requests, latency=latency)
 
     @app.get("/healthz", tags=["ops"])
-    async def healthz() -> JSONResponse:
+    async def healthz(request: Request) -> JSONResponse:
+        """Open to probes; the details (reasons, downstream URLs, pids) only with the key, when one is set."""
         ok = slot.ready or load is None
         body: dict[str, Any] = {"service": name, "status": "ok" if ok else "unavailable"}
-        if not ok:
-            body["reason"] = slot.reason
-        if health is not None:
-            body.update(await health(app))
+        if has_key(settings, request.scope):
+            if not ok:
+                body["reason"] = slot.reason
+            if health is not None:
+                body.update(await health(app))
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/livez", tags=["ops"])
+    async def livez() -> dict[str, str]:
+        """The process answers: a liveness probe restarts it otherwise. Never 503 while a model loads."""
+        return {"service": name, "status": "alive"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        """Ready to serve (model loaded): a readiness probe sends traffic only then."""
+        ok = slot.ready or load is None
+        return JSONResponse({"service": name, "status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     @app.get("/info", tags=["ops"])
     async def get_info() -> dict[str, Any]:

@@ -6,6 +6,7 @@ Models want mono float32 at a fixed rate; clients send whatever they have. Every
 from __future__ import annotations
 
 import io
+from typing import Any, ClassVar
 
 import numpy as np
 import soundfile as sf
@@ -91,9 +92,12 @@ def pcm16_to_float32(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
 
+def float32_to_pcm16_array(samples: np.ndarray) -> np.ndarray:
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+
+
 def float32_to_pcm16(samples: np.ndarray) -> bytes:
-    clipped = np.clip(samples, -1.0, 1.0)
-    return (clipped * 32767.0).astype("<i2").tobytes()
+    return float32_to_pcm16_array(samples).tobytes()
 
 
 def pcm_to_mono_float(data: bytes, fmt: AudioFormat) -> np.ndarray:
@@ -136,6 +140,65 @@ def encode_audio(samples: np.ndarray, rate: int, fmt: str) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, samples, rate, format=container, subtype=subtype)
     return buf.getvalue()
+
+
+class _Sink:
+    """A write-only, non-seekable file for PyAV's muxer: it cannot go back to patch headers, so it
+    writes a stream's bytes in order, and `take` hands out what has been written since the last call."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts.clear()
+        return out
+
+
+class StreamEncoder:
+    """Encode audio chunk by chunk into one compressed stream (PyAV/FFmpeg), so the first bytes of a
+    long reply go out while the rest is synthesised. mp3, opus (in ogg, 20 ms pages), aac (ADTS), wav.
+    FLAC is not streamed: without a sample count in its header libsndfile cannot read it."""
+
+    FORMATS: ClassVar[
+        dict[str, tuple[str, str, int | None]]
+    ] = {  # container, codec, the rate the codec needs (None: the input's)
+        "mp3": ("mp3", "libmp3lame", None),
+        "opus": ("ogg", "libopus", 48000),
+        "aac": ("adts", "aac", None),
+        "wav": ("wav", "pcm_s16le", None),
+    }
+
+    def __init__(self, fmt: str, rate: int) -> None:
+        import av
+
+        container, codec, codec_rate = self.FORMATS[fmt]
+        self.rate = rate
+        self.sink = _Sink()
+        options = {"page_duration": "20000"} if container == "ogg" else {}
+        self.out = av.open(self.sink, mode="w", format=container, options=options)
+        self.stream: Any = self.out.add_stream(codec, rate=codec_rate or rate, layout="mono")
+
+    def encode(self, samples: np.ndarray) -> bytes:
+        """Mono float32 at `rate` in; whatever the muxer has written so far out (may be empty)."""
+        import av
+
+        frame = av.AudioFrame.from_ndarray(float32_to_pcm16_array(samples).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.rate
+        for packet in self.stream.encode(frame):  # PyAV resamples to the codec's rate and frame size
+            self.out.mux(packet)
+        return self.sink.take()
+
+    def close(self) -> bytes:
+        """The encoder's tail and the container's trailer."""
+        for packet in self.stream.encode(None):
+            self.out.mux(packet)
+        self.out.close()
+        return self.sink.take()
 
 
 class StreamResampler:

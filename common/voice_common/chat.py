@@ -30,18 +30,39 @@ def fit_text(text: str, budget_tokens: int) -> str:
 
 
 def trim_history(messages: list[ChatMessage], budget_tokens: int) -> list[ChatMessage]:
-    """Drop the oldest turns until the conversation fits; system messages and the last message stay, the
-    last one cut to its end when it alone is too long (never below `MIN_LAST_TOKENS`), so an over-long
-    message cannot overflow the model's context on this turn or any later one."""
+    """Drop the oldest turns until the conversation fits; system messages and the last message stay.
+
+    Old turns go in blocks of about half the budget, each starting at a user message and counted from
+    the start of the conversation, so where the kept history begins stays put for many turns: a
+    backend's prompt cache (llama.cpp reuses the longest common prefix) then reads only the new turn,
+    instead of the whole history again every turn once a conversation is long (seconds on a CPU).
+    A last message too long on its own is cut to its end (never below `MIN_LAST_TOKENS`), so an
+    over-long message cannot overflow the model's context on this turn or any later one."""
     system = [m for m in messages if m.role == "system"]
     rest = [m for m in messages if m.role != "system"]
     used = sum(estimate_tokens(m.content) for m in system)
+    costs = [estimate_tokens(m.content) for m in rest]
+    starts, block = [0], 0
+    for i, (message, cost) in enumerate(zip(rest, costs, strict=True)):
+        if block >= budget_tokens // 2 and message.role == "user":
+            starts.append(i)
+            block = 0
+        block += cost
+    for start in starts:
+        if used + sum(costs[start:]) <= budget_tokens:
+            return system + _from_user(rest[start:])
+    return system + _from_user(_fit_from_end(rest, budget_tokens - used))
+
+
+def _fit_from_end(rest: list[ChatMessage], budget_tokens: int) -> list[ChatMessage]:
+    """As many of the latest messages as fit, the last one cut to fit when it alone does not."""
     kept: list[ChatMessage] = []
+    used = 0
     for i, message in enumerate(reversed(rest)):
         cost = estimate_tokens(message.content)
-        if i == 0 and used + cost > budget_tokens:
+        if i == 0 and cost > budget_tokens:
             message = message.model_copy(
-                update={"content": fit_text(message.content, max(MIN_LAST_TOKENS, budget_tokens - used))}
+                update={"content": fit_text(message.content, max(MIN_LAST_TOKENS, budget_tokens))}
             )
             cost = estimate_tokens(message.content)
         elif i > 0 and used + cost > budget_tokens:
@@ -49,6 +70,11 @@ def trim_history(messages: list[ChatMessage], budget_tokens: int) -> list[ChatMe
         kept.append(message)
         used += cost
     kept.reverse()
-    while len(kept) > 1 and kept[0].role == "assistant":  # a history starts with the user
-        kept.pop(0)
-    return system + kept
+    return kept
+
+
+def _from_user(kept: list[ChatMessage]) -> list[ChatMessage]:
+    """A history starts with the user."""
+    while len(kept) > 1 and kept[0].role == "assistant":
+        kept = kept[1:]
+    return kept

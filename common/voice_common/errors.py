@@ -46,7 +46,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        code = getattr(exc, "code", None) or HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
         return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 

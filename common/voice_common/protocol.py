@@ -294,6 +294,13 @@ class Token(Event):
     text: str
 
 
+class Thinking(Event):
+    """A reasoning model's thoughts before its answer (Ollama with `think` on): shown, never spoken."""
+
+    type: Literal["thinking"] = "thinking"
+    text: str
+
+
 class LlmDone(Event):
     type: Literal["done"] = "done"
     model: str
@@ -302,7 +309,7 @@ class LlmDone(Event):
     finish_reason: str = "stop"
 
 
-LlmServerEvent = Token | LlmDone | Cancelled | ErrorEvent
+LlmServerEvent = Token | Thinking | LlmDone | Cancelled | ErrorEvent
 llm_server_events: TypeAdapter[LlmServerEvent] = _adapter(LlmServerEvent)
 
 

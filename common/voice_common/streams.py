@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -17,12 +18,36 @@ from fastapi import WebSocket
 from prometheus_client import CollectorRegistry, Gauge
 from pydantic import TypeAdapter
 
-from .protocol import Event
+from .protocol import ErrorEvent, Event
 from .ws import frames, send_audio, send_error, send_event
 
 logger = logging.getLogger(__name__)
 E = TypeVar("E")
 T = TypeVar("T")
+
+
+class ErrorBudget:
+    """A peer that sends garbage in a loop must not get (or log) one error per frame: the first `burst`
+    errors of each `window_s` go out, the rest are counted and the count rides on the next one sent."""
+
+    def __init__(self, burst: int = 10, window_s: float = 10.0) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self.window_start = -window_s
+        self.sent = 0
+        self.suppressed = 0
+
+    def take(self) -> tuple[bool, int]:
+        """(may this error go out, how many were suppressed before it)."""
+        now = time.monotonic()
+        if now - self.window_start >= self.window_s:
+            self.window_start, self.sent = now, 0
+        if self.sent >= self.burst:
+            self.suppressed += 1
+            return False, 0
+        self.sent += 1
+        suppressed, self.suppressed = self.suppressed, 0
+        return True, suppressed
 
 
 class StreamHandler(Generic[E]):
@@ -35,6 +60,7 @@ class StreamHandler(Generic[E]):
     def __init__(self, socket: WebSocket) -> None:
         self.socket = socket
         self._tasks: set[asyncio.Task[None]] = set()
+        self.errors = ErrorBudget()
 
     async def on_event(self, event: E) -> None:
         raise NotImplementedError
@@ -63,13 +89,22 @@ class StreamHandler(Generic[E]):
         await self.error("internal_error", f"{type(exc).__name__}: {exc}")
 
     async def send(self, event: Event) -> bool:
+        if isinstance(event, ErrorEvent) and not event.fatal:
+            allowed, suppressed = self.errors.take()
+            if not allowed:
+                if self.errors.suppressed == 1:
+                    logger.warning("%s: too many errors on one connection; holding the rest back", self.service)
+                return True
+            if suppressed:
+                event = event.model_copy(update={"message": f"{event.message} ({suppressed} more errors held back)"})
+            logger.warning("%s error to the client: %s: %s", event.service or self.service, event.code, event.message)
         return await send_event(self.socket, event)
 
     async def send_audio(self, frame: bytes) -> bool:
         return await send_audio(self.socket, frame)
 
     async def error(self, code: str, message: str, fatal: bool = False) -> bool:
-        return await send_error(self.socket, code, message, self.service, fatal)
+        return await self.send(ErrorEvent(code=code, message=message, service=self.service, fatal=fatal))
 
     async def close(self) -> None:
         """End the connection from this side; the reader then stops and `on_close` runs."""
@@ -77,7 +112,7 @@ class StreamHandler(Generic[E]):
 
     async def run(self) -> None:
         try:
-            async for item in frames(self.socket, self.events, self.service):
+            async for item in frames(self.socket, self.events, self.error):
                 if isinstance(item, bytes):
                     await self.on_audio(item)
                 else:

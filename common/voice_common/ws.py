@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import WebSocket
@@ -53,9 +53,11 @@ async def send_error(ws: WebSocket, code: str, message: str, service: str | None
     return await send_event(ws, ErrorEvent(code=code, message=message, service=service, fatal=fatal))
 
 
-async def frames(ws: WebSocket, adapter: TypeAdapter[E], service: str) -> AsyncIterator[bytes | E]:
+async def frames(
+    ws: WebSocket, adapter: TypeAdapter[E], error: Callable[[str, str], Awaitable[object]]
+) -> AsyncIterator[bytes | E]:
     """A connection's frames until the peer goes away: binary frames as bytes, text frames as typed
-    events. A text frame that is not a valid event is answered with an error event and skipped."""
+    events. A text frame that is not a valid event is answered with `error(code, message)` and skipped."""
     while (frame := await receive_frame(ws)) is not None:
         if isinstance(frame, bytes):
             yield frame
@@ -63,4 +65,4 @@ async def frames(ws: WebSocket, adapter: TypeAdapter[E], service: str) -> AsyncI
         try:
             yield parse_event(adapter, frame)
         except ProtocolError as exc:
-            await send_error(ws, exc.code, exc.message, service)
+            await error(exc.code, exc.message)

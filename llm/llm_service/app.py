@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -12,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, WebSocket
-from fastapi.responses import StreamingResponse
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 from voice_common.app import create_service_app, engine_of
@@ -25,13 +23,15 @@ from voice_common.protocol import (
     GenerateRequest,
     LlmClientEvent,
     LlmDone,
+    Thinking,
     Token,
     llm_client_events,
 )
+from voice_common.sse import event_stream
 from voice_common.streams import StreamHandler
 
 from .backends import Backend, EmbeddedBackend, LlamaServerBackend, OllamaBackend, OpenAIBackend
-from .generation import generate
+from .generation import Output, generate
 from .llama_server import LlamaServer, default_binary
 from .settings import LlmSettings
 
@@ -42,13 +42,16 @@ Engine = Annotated[Backend, Depends(engine_of)]
 
 def build_backend(settings: LlmSettings) -> Backend:
     if settings.backend == "ollama":
-        return OllamaBackend(
+        ollama = OllamaBackend(
             settings.ollama_base_url,
             settings.ollama_model,
             settings.ollama_keep_alive,
             settings.ollama_num_ctx,
             settings.connect_timeout_s,
+            think=settings.ollama_think,
         )
+        ollama.warm_up(settings.system_prompt, pull=settings.ollama_pull)
+        return ollama
     if settings.backend == "openai":
         return OpenAIBackend(
             settings.openai_base_url, settings.openai_api_key, settings.openai_model, settings.connect_timeout_s
@@ -63,6 +66,7 @@ def build_backend(settings: LlmSettings) -> Backend:
             ctx_per_slot=settings.context_tokens,
             threads=settings.threads,
             port=settings.server_port,
+            cache_ram_mb=settings.cache_ram_mb,
         )
         return LlamaServerBackend(server, path.stem, settings.system_prompt)
     return EmbeddedBackend(
@@ -101,19 +105,18 @@ class OpenAIChatRequest(BaseModel):
         )
 
 
-async def collect(events: AsyncIterator[Token | LlmDone]) -> tuple[str, LlmDone]:
-    """A whole reply, for the non-streaming APIs."""
+async def collect(events: AsyncIterator[Output]) -> tuple[str, str, LlmDone]:
+    """A whole reply (and the thoughts before it, if any), for the non-streaming APIs."""
     parts: list[str] = []
+    thoughts: list[str] = []
     async for event in events:
         if isinstance(event, Token):
             parts.append(event.text)
+        elif isinstance(event, Thinking):
+            thoughts.append(event.text)
         else:
-            return "".join(parts), event
+            return "".join(parts), "".join(thoughts), event
     raise ApiError(500, "incomplete_generation", "the generation ended without a done event")
-
-
-def sse(data: Any) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 def create_app(settings: LlmSettings | None = None, engine: Backend | None = None) -> FastAPI:
@@ -159,24 +162,25 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
     )
     backend_tokens.set_function(lambda: float(getattr(app.state.slot.engine, "tokens_generated", 0)))
 
-    async def run(backend: Backend, req: GenerateRequest) -> AsyncIterator[Token | LlmDone]:
+    async def run(backend: Backend, req: GenerateRequest) -> AsyncIterator[Output]:
         async for event in generate(backend, limiter, req, settings):
             if isinstance(event, Token):
                 tokens_out.inc()
-            elif event.timings.first_token_ms is not None:
+            elif isinstance(event, LlmDone) and event.timings.first_token_ms is not None:
                 first_token.observe(event.timings.first_token_ms / 1000)
             yield event
 
-    async def started(gen: AsyncIterator[Token | LlmDone]) -> tuple[Token | LlmDone, AsyncIterator[Token | LlmDone]]:
+    async def started(gen: AsyncIterator[Output]) -> tuple[Output, AsyncIterator[Output]]:
         """Wait for the first event so backend errors still become a proper HTTP status."""
         return await anext(gen), gen
 
     @app.post("/generate")
     async def generate_endpoint(req: GenerateRequest, backend: Engine) -> Any:
         if not req.stream:
-            text, done = await collect(run(backend, req))
+            text, thinking, done = await collect(run(backend, req))
             return {
                 "response": text,
+                **({"thinking": thinking} if thinking else {}),
                 "model": done.model,
                 "usage": done.usage.model_dump(),
                 "timings": done.timings.model_dump(),
@@ -184,19 +188,18 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
             }
         first, gen = await started(run(backend, req))
 
-        async def body() -> AsyncIterator[str]:
+        async def body() -> AsyncIterator[str | dict[str, Any]]:
             try:
-                event: Token | LlmDone | None = first
+                event: Output | None = first
                 while event is not None:
-                    yield sse(event.dump())
+                    yield event.dump()
                     event = await anext(gen, None)
             except ApiError as exc:
-                yield sse({"type": "error", **error_body(exc.status, exc.code, exc.message)})
+                yield {"type": "error", **error_body(exc.status, exc.code, exc.message)}
             finally:
                 await gen.aclose()  # type: ignore[attr-defined]
-            yield sse("[DONE]")
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return event_stream(body())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: OpenAIChatRequest, backend: Engine) -> Any:
@@ -204,7 +207,7 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         model = req.model or backend.model
         if not body.stream:
-            text, done = await collect(run(backend, req))
+            text, thinking, done = await collect(run(backend, req))
             u = done.usage
             return {
                 "id": cid,
@@ -214,7 +217,11 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": {
+                            "role": "assistant",
+                            "content": text,
+                            **({"reasoning_content": thinking} if thinking else {}),
+                        },
                         "finish_reason": done.finish_reason if done.finish_reason != "cancelled" else "stop",
                     }
                 ],
@@ -227,45 +234,41 @@ def create_app(settings: LlmSettings | None = None, engine: Backend | None = Non
         first, gen = await started(run(backend, req))
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> str:
-            return sse(
-                {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else [],
-                    **({"usage": usage} if usage is not None else {}),
-                }
-            )
+        def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> dict[str, Any]:
+            """One chunk as OpenAI sends them: with `include_usage`, every chunk has `usage: null` and
+            one last chunk has no choices and the usage."""
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else [],
+                **({"usage": usage} if include_usage else {}),
+            }
 
-        async def stream() -> AsyncIterator[str]:
+        async def stream() -> AsyncIterator[dict[str, Any]]:
             yield chunk({"role": "assistant", "content": ""})
             try:
-                event: Token | LlmDone | None = first
+                event: Output | None = first
                 while event is not None:
                     if isinstance(event, Token):
                         yield chunk({"content": event.text})
+                    elif isinstance(event, Thinking):  # as vLLM and DeepSeek stream a model's reasoning
+                        yield chunk({"reasoning_content": event.text})
                     else:
                         yield chunk({}, "length" if event.finish_reason == "length" else "stop")
                         if include_usage:
                             u = event.usage
-                            yield chunk(
-                                {},
-                                usage={
-                                    "prompt_tokens": u.prompt_tokens,
-                                    "completion_tokens": u.completion_tokens,
-                                    "total_tokens": u.prompt_tokens + u.completion_tokens,
-                                },
-                            )
+                            total = u.prompt_tokens + u.completion_tokens
+                            usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}
+                            yield chunk(None, usage={**usage, "total_tokens": total})
                     event = await anext(gen, None)
             except ApiError as exc:
-                yield sse(error_body(exc.status, exc.code, exc.message))
+                yield error_body(exc.status, exc.code, exc.message)
             finally:
                 await gen.aclose()  # type: ignore[attr-defined]
-            yield sse("[DONE]")
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return event_stream(stream())
 
     @app.get("/v1/models")
     async def models(backend: Engine) -> dict[str, Any]:
@@ -284,7 +287,7 @@ class LlmStream(StreamHandler[LlmClientEvent]):
     service = SERVICE
     events = llm_client_events
 
-    def __init__(self, socket: WebSocket, generate: Callable[[GenerateRequest], AsyncIterator[Token | LlmDone]]):
+    def __init__(self, socket: WebSocket, generate: Callable[[GenerateRequest], AsyncIterator[Output]]):
         super().__init__(socket)
         self.generate = generate
         self.current: asyncio.Task[None] | None = None

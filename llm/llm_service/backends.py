@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Chunk:
     text: str = ""
+    thinking: str = ""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
@@ -35,6 +36,7 @@ class Chunk:
 class Backend(Protocol):
     name: str
     model: str
+    serves_one_model: bool  # a local engine: a request for any other model is a mistake, not a choice
 
     def stream(
         self,
@@ -63,6 +65,7 @@ class EmbeddedBackend:
     stops the generator between tokens."""
 
     name = "embedded"
+    serves_one_model = True
 
     def __init__(self, path: Path, threads: int, n_ctx: int, warmup_system_prompt: str | None = None) -> None:
         from llama_cpp import Llama
@@ -153,8 +156,17 @@ class OllamaBackend:
     """The official ollama client against OLLAMA_BASE_URL (a GPU host)."""
 
     name = "ollama"
+    serves_one_model = False
 
-    def __init__(self, base_url: str, model: str, keep_alive: str, num_ctx: int, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        keep_alive: str,
+        num_ctx: int,
+        connect_timeout: float,
+        think: bool = False,
+    ) -> None:
         import httpx
         import ollama
 
@@ -162,7 +174,44 @@ class OllamaBackend:
         self.model = model
         self.keep_alive = keep_alive
         self.num_ctx = num_ctx
-        self.client = ollama.AsyncClient(host=base_url, timeout=httpx.Timeout(300.0, connect=connect_timeout))
+        self.think = think
+        self.timeout = httpx.Timeout(300.0, connect=connect_timeout)
+        self.client = ollama.AsyncClient(host=base_url, timeout=self.timeout)
+
+    def warm_up(self, system_prompt: str, pull: bool) -> None:
+        """At start (in the loading thread): load the model on the Ollama host and evaluate the system
+        prompt, so the first user does not wait for either; pull the model first when asked to. A host
+        that is down or lacks the model is logged, not fatal: the service reports it in /healthz and
+        serves as soon as the host can."""
+        import ollama
+
+        client = ollama.Client(host=self.base_url, timeout=self.timeout)
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hi"}]
+        options = {"num_predict": 1, "num_ctx": self.num_ctx}
+        for attempt in (1, 2):
+            try:
+                client.chat(self.model, messages=messages, options=options, keep_alive=self.keep_alive, think=False)
+                logger.info("ollama: %s loaded on %s and the system prompt evaluated", self.model, self.base_url)
+                return
+            except Exception as exc:
+                error = self._error(exc)
+            if error.code == "model_not_found" and pull and attempt == 1:
+                self.pull(client)
+                continue
+            if error.code == "model_not_found":
+                logger.error("%s (or set LLM_OLLAMA_PULL=1 to pull it at start)", error.message)
+            else:
+                logger.warning("ollama warm-up skipped: %s", error.message)
+            return
+
+    def pull(self, client: Any) -> None:
+        logger.info("ollama: pulling %s on %s ...", self.model, self.base_url)
+        shown: tuple[str | None, int] = (None, -1)
+        for progress in client.pull(self.model, stream=True):
+            percent = int(100 * progress.completed / progress.total) // 10 * 10 if progress.total else -1
+            if (progress.status, percent) != shown:
+                shown = (progress.status, percent)
+                logger.info("ollama pull %s: %s%s", self.model, progress.status, f" {percent}%" if percent >= 0 else "")
 
     async def models(self) -> list[str]:
         try:
@@ -200,9 +249,13 @@ class OllamaBackend:
                 messages=messages,
                 stream=True,
                 keep_alive=self.keep_alive,
+                # unset, Ollama lets a reasoning model think first: the reply budget goes to hidden thoughts
+                think=self.think,
                 options={"temperature": temperature, "num_predict": max_tokens, "num_ctx": self.num_ctx},
             )
             async for part in response:
+                if part.message and part.message.thinking:
+                    yield Chunk(thinking=part.message.thinking)
                 if part.message and part.message.content:
                     yield Chunk(text=part.message.content)
                 if part.done:
@@ -221,6 +274,7 @@ class OpenAIBackend:
     """Any OpenAI-compatible server: vLLM, llama.cpp's server, OpenAI itself."""
 
     name = "openai"
+    serves_one_model = False
 
     def __init__(self, base_url: str, api_key: str, model: str, connect_timeout: float) -> None:
         import openai
@@ -294,6 +348,7 @@ class LlamaServerBackend(OpenAIBackend):
     batched, each conversation's prompt kept in a slot's cache. Spoken to over its OpenAI API."""
 
     name = "llama-server"
+    serves_one_model = True
 
     def __init__(self, server: LlamaServer, model: str, warmup_system_prompt: str | None = None) -> None:
         server.start()

@@ -162,7 +162,15 @@ class LlamaServer:
     service. Its output goes to this module's logger (DEBUG; the last lines at ERROR when it dies)."""
 
     def __init__(
-        self, binary: Path, model: Path, alias: str, parallel: int, ctx_per_slot: int, threads: int, port: int = 0
+        self,
+        binary: Path,
+        model: Path,
+        alias: str,
+        parallel: int,
+        ctx_per_slot: int,
+        threads: int,
+        port: int = 0,
+        cache_ram_mb: int = 256,
     ) -> None:
         if not binary.exists():
             raise FileNotFoundError(f"{binary} not found: run `make llama-server` (builds it once)")
@@ -178,6 +186,9 @@ class LlamaServer:
             *("--parallel", str(parallel), "--ctx-size", str(ctx_per_slot * parallel)),
             *("--threads", str(threads), "--threads-batch", str(threads)),
             "--cont-batching",
+            # prompts of conversations that lost their slot, kept in RAM (llama.cpp's default is 8 GiB, and
+            # it fills: memory grows with every new conversation until then)
+            *("--cache-ram", str(cache_ram_mb)),
             *("--poll", "0"),  # its threads wait without spinning: the cores are shared with STT and TTS
             "--metrics",
             "--no-webui",

@@ -40,11 +40,20 @@ class LlmSettings(ServiceSettings):
     parallel: int = Field(4, description="llama-server slots: conversations generated at once, batched")
     server_binary: Path | None = Field(None, description="llama-server executable; default the one `make` builds")
     server_port: int = Field(0, description="llama-server's port on 127.0.0.1; 0 = any free port")
+    cache_ram_mb: int = Field(
+        256, description="llama-server's RAM for the prompts of conversations beyond the slots (0: none)"
+    )
     # ollama
     ollama_base_url: str = Field("http://localhost:11434", validation_alias="OLLAMA_BASE_URL")
     ollama_model: str = "qwen3:14b"
     ollama_keep_alive: str = "30m"
     ollama_num_ctx: int = 4096
+    ollama_think: bool = Field(
+        False,
+        description="let a reasoning model (qwen3, deepseek-r1...) think before it answers: seconds before the "
+        "first word, so off for voice; when on, the thoughts are streamed as `thinking` events and never spoken",
+    )
+    ollama_pull: bool = Field(False, description="pull the model at start when the Ollama host lacks it")
     connect_timeout_s: float = 5.0
     # openai-compatible
     openai_base_url: str = "http://localhost:8080/v1"

@@ -134,13 +134,14 @@ async def test_generate_json_and_sse(llm) -> None:
 
 def test_openai_client_stream_and_not(llm) -> None:
     client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key="unused")
-    assert client.models.list().data[0].id == "qwen2.5-coder-0.5b-instruct-q4_k_m"
-    reply = client.chat.completions.create(model="x", messages=ASK, temperature=0)
+    model = client.models.list().data[0].id
+    assert model == "qwen2.5-coder-0.5b-instruct-q4_k_m"
+    reply = client.chat.completions.create(model=model, messages=ASK, temperature=0)
     assert reply.object == "chat.completion" and "paris" in (reply.choices[0].message.content or "").lower()
     assert reply.usage is not None and reply.usage.total_tokens > 10
     chunks = list(
         client.chat.completions.create(
-            model="x",
+            model="default",
             messages=ASK,
             temperature=0,
             stream=True,
@@ -153,7 +154,10 @@ def test_openai_client_stream_and_not(llm) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="x", messages=[{"role": "assistant", "content": "hi"}])
+        client.chat.completions.create(model=model, messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError) as unknown:  # a local engine has one model: say so, never ignore
+        client.chat.completions.create(model="gpt-4o", messages=ASK)
+    assert unknown.value.code == "model_not_found" and model in unknown.value.message
 
 
 async def test_websocket_tokens_and_cancel_stops_generation(llm) -> None:
@@ -372,6 +376,56 @@ async def test_ollama_backend_against_protocol_server(ollama_llm, fake_ollama) -
             produced = (await client.get(f"{fake_ollama}/debug/produced")).json()["tokens"]
             await asyncio.sleep(0.5)
             assert (await client.get(f"{fake_ollama}/debug/produced")).json()["tokens"] == produced
+
+
+async def test_ollama_thinking_model_answers_at_once_never_with_its_reasoning(start_service, fake_ollama) -> None:
+    """Ollama lets a model like qwen3 think unless told not to; the reply budget then goes to hidden
+    reasoning. The backend says `think: false` (and warms the model up at start)."""
+    llm = start_service("llm", LLM_BACKEND="ollama", OLLAMA_BASE_URL=fake_ollama, LLM_OLLAMA_MODEL="thinker")
+    async with httpx.AsyncClient(timeout=30) as client:
+        seen = len((await client.get(f"{fake_ollama}/debug/requests")).json())
+        r = await client.post(f"{llm.url}/generate", json={"messages": [{"role": "user", "content": "hello there"}]})
+        assert r.status_code == 200 and r.json()["response"] == "You said: hello there" and "thinking" not in r.json()
+        assert r.json()["timings"]["first_token_ms"] < 500
+        sent = (await client.get(f"{fake_ollama}/debug/requests")).json()
+    warm_up = [b for b in sent[:seen] if b["model"] == "thinker" and b["messages"][0]["role"] == "system"]
+    assert warm_up and warm_up[0]["keep_alive"] and warm_up[0]["options"]["num_predict"] == 1
+    assert sent[seen]["think"] is False
+
+
+async def test_ollama_thinking_when_asked_is_streamed_apart_and_never_spoken(start_service, fake_ollama) -> None:
+    llm = start_service(
+        "llm", LLM_BACKEND="ollama", OLLAMA_BASE_URL=fake_ollama, LLM_OLLAMA_MODEL="thinker", LLM_OLLAMA_THINK="1"
+    )
+    request = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 400, "stream": True}
+    events = []
+    async with httpx.AsyncClient(timeout=30) as client, client.stream("POST", f"{llm.url}/generate", json=request) as r:
+        assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+    kinds = [e["type"] for e in events]
+    assert kinds.index("thinking") < kinds.index("token") and kinds[-1] == "done"
+    spoken = "".join(e["text"] for e in events if e["type"] == "token")
+    assert spoken == "You said: hello there" and "think" not in spoken
+    async with websockets.connect(llm.url.replace("http", "ws") + "/ws") as ws:  # main-app's socket: the same
+        await ws.send(json.dumps({"type": "request", **request}))
+        while (event := json.loads(await ws.recv()))["type"] != "done":
+            assert event["type"] in ("thinking", "token")
+
+
+async def test_ollama_missing_model_is_named_with_the_pull_command_or_pulled(start_service, fake_ollama) -> None:
+    missing = start_service("llm", LLM_BACKEND="ollama", OLLAMA_BASE_URL=fake_ollama, LLM_OLLAMA_MODEL="absent")
+    assert missing.log_path is not None and "ollama pull absent" in missing.log_path.read_text()
+    pulled = start_service(
+        "llm", LLM_BACKEND="ollama", OLLAMA_BASE_URL=fake_ollama, LLM_OLLAMA_MODEL="pullable", LLM_OLLAMA_PULL="1"
+    )
+    log = pulled.log_path.read_text() if pulled.log_path else ""
+    assert "ollama pull pullable: pulling 0123abcd 50%" in log and "pullable loaded" in log
+    async with httpx.AsyncClient(timeout=30) as client:
+        assert (await client.get(f"{pulled.url}/healthz")).json()["model_available"] is True
+        r = await client.post(f"{pulled.url}/generate", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.json()["response"] == "You said: hi"
 
 
 async def test_ollama_host_down(start_service) -> None:

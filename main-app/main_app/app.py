@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,13 +10,14 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, Field
 from voice_common.app import create_service_app
 from voice_common.errors import ApiError
 from voice_common.protocol import ChatMessage, TurnMetrics
+from voice_common.sse import event_stream
 
 from .owner import give_owner_cookie, owner_of
 from .reply import LLM_DOWN_REPLY, Generations, llm_request
@@ -156,21 +156,24 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
         history = [ChatMessage(role=m["role"], content=m["content"]) for m in await store.messages(cid)]
         t0 = time.monotonic()
 
-        async def tokens() -> AsyncIterator[tuple[str, str | None]]:
+        async def tokens() -> AsyncIterator[tuple[str, ServiceError | None]]:
             try:
                 async for token in ctx().services.llm(llm_request(settings, history, cid, speculative=False)):
                     yield token, None
             except ServiceError as exc:
-                yield "", f"{exc.service}: {exc.message}"
+                yield "", exc
 
         if not req.stream:
-            parts, failure = [], None
+            parts: list[str] = []
+            failure: ServiceError | None = None
             async for token, err in tokens():
                 parts.append(token)
                 failure = failure or err
             reply = "".join(parts).strip()
-            if failure and not reply:
-                raise ApiError(503, "llm_unavailable", f"{LLM_DOWN_REPLY} ({failure})")
+            if failure and not reply:  # the LLM's own reason: down, busy, or a refusal of this request
+                if failure.code in ("service_unavailable", "timeout"):
+                    raise ApiError(503, "llm_unavailable", f"{LLM_DOWN_REPLY} ({failure.message})")
+                raise ApiError(502, failure.code, f"the language model failed: {failure.message}")
             await store.add(cid, "assistant", reply, "text")
             return {
                 "conversation_id": cid,
@@ -178,22 +181,21 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
                 "timings": {"total_ms": round((time.monotonic() - t0) * 1000)},
             }
 
-        async def events() -> AsyncIterator[str]:
-            yield f"data: {json.dumps({'type': 'conversation', 'conversation_id': cid})}\n\n"
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            yield {"type": "conversation", "conversation_id": cid}
             parts: list[str] = []
             async for token, err in tokens():
                 if err:
-                    yield f"data: {json.dumps({'type': 'error', 'service': 'llm', 'message': err})}\n\n"
+                    yield {"type": "error", "service": "llm", "code": err.code, "message": err.message}
                     break
                 parts.append(token)
-                yield f"data: {json.dumps({'type': 'token', 'text': token})}\n\n"
+                yield {"type": "token", "text": token}
             reply = "".join(parts).strip()
             if reply:
                 await store.add(cid, "assistant", reply, "text")
-            yield f"data: {json.dumps({'type': 'done', 'conversation_id': cid, 'reply': reply})}\n\n"
-            yield "data: [DONE]\n\n"
+            yield {"type": "done", "conversation_id": cid, "reply": reply}
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return event_stream(events())
 
     if settings.web_dir.exists():
         app.mount("/static", StaticFiles(directory=settings.web_dir), name="static")

@@ -3,12 +3,9 @@ error per outage (not one per frame)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 
 from voice_common.protocol import ErrorEvent, Event, ServiceStatus
-
-logger = logging.getLogger(__name__)
 
 
 class Outbox:
@@ -29,7 +26,6 @@ class Outbox:
             self.closed = True
 
     async def error(self, service: str, code: str, message: str, fatal: bool = False) -> None:
-        logger.warning("%s %s: %s", service, code, message)
         await self.send(ErrorEvent(service=service, code=code, message=message, fatal=fatal))
 
     async def service_down(self, service: str, message: str) -> None:

@@ -55,6 +55,8 @@ from .store import Store
 
 logger = logging.getLogger(__name__)
 LLM_DOWN_REPLY = "Sorry, I can't reach my language model right now. Please try again in a moment."
+LLM_BUSY_REPLY = "Sorry, I'm talking with too many people right now. Please try again in a moment."
+LLM_FAILED_REPLY = "Sorry, my language model could not answer that. Please try again."
 ECHO_WINDOW_S = 2.0  # after playback ends, a transcript can still be the tail of the reply's echo
 
 
@@ -97,6 +99,15 @@ def llm_request(settings: AppSettings, history: list[ChatMessage], conversation:
         priority=BACKGROUND if speculative else URGENT,  # a guess waits behind replies someone waits for
         prompt_cache_key=conversation,  # the LLM keeps this conversation's prompt cached in one place
     )
+
+
+def llm_fallback(code: str) -> str:
+    """What the assistant says when the language model gave no answer: unreachable, busy, or refused."""
+    if code in ("service_unavailable", "timeout", "backend_unreachable"):
+        return LLM_DOWN_REPLY
+    if code in ("too_many_streams", "not_ready", "busy", "queue_full"):
+        return LLM_BUSY_REPLY
+    return LLM_FAILED_REPLY
 
 
 class Reply:
@@ -349,9 +360,10 @@ class Reply:
             else:
                 await self.out.error("llm", exc.code, exc.message)
             if not self.text:
-                self.text.append(LLM_DOWN_REPLY)
-                await self.emit(ReplyDelta(turn=self.turn, text=LLM_DOWN_REPLY))
-                await self.say(tts, LLM_DOWN_REPLY)
+                fallback = llm_fallback(exc.code)
+                self.text.append(fallback)
+                await self.emit(ReplyDelta(turn=self.turn, text=fallback))
+                await self.say(tts, fallback)
         if tts is not None and self.speak:
             with contextlib.suppress(ServiceError):
                 await tts.send(Stop())

@@ -7,6 +7,7 @@ orchestration tests inject in-process fakes with scripted events and timing (mai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Generic, Protocol, TypeVar
@@ -45,6 +46,7 @@ SERVICES = ("vad", "stt", "tts", "llm")
 CONNECTION_ERRORS = (OSError, TimeoutError, WebSocketException)
 E = TypeVar("E")
 E_co = TypeVar("E_co", covariant=True)
+ADMISSION_WAIT_S = 0.3  # a refusal comes right after the handshake; local or LAN round trips are far shorter
 
 
 class ServiceError(Exception):
@@ -95,6 +97,7 @@ class WsStream(Generic[E]):
         self.ws = ws
         self.events = events
         self.service = service
+        self.early: list[str | bytes] = []  # frames read by `admitted`, still to be handed out
 
     def lost(self, exc: BaseException) -> ServiceError:
         return ServiceError(self.service, "service_unavailable", f"lost the {self.service} service: {exc}")
@@ -105,9 +108,26 @@ class WsStream(Generic[E]):
         except CONNECTION_ERRORS as exc:
             raise self.lost(exc) from None
 
+    async def admitted(self, wait_s: float) -> None:
+        """A service that refuses a stream (busy, loading) says so right after the handshake. A stream
+        with no start event of its own (STT's) waits `wait_s` for that refusal, so a refused link is
+        reported as refused instead of up-then-down."""
+        try:
+            async with asyncio.timeout(wait_s):
+                raw = await self.ws.recv()  # cancelling recv() loses nothing (websockets' guarantee)
+        except TimeoutError:
+            return
+        except CONNECTION_ERRORS as exc:
+            raise self.lost(exc) from None
+        if isinstance(raw, str):
+            with contextlib.suppress(ProtocolError):
+                if isinstance(event := parse_event(self.events, raw), ErrorEvent) and event.fatal:
+                    raise ServiceError(self.service, event.code, event.message)
+        self.early.append(raw)
+
     async def __aiter__(self) -> AsyncIterator[E | bytes]:
         try:
-            async for raw in self.ws:
+            async for raw in _chain(self.early, self.ws):
                 if isinstance(raw, bytes):
                     yield raw
                     continue
@@ -138,6 +158,13 @@ class WsStream(Generic[E]):
             self.ws.transport.abort()
         else:
             await self.ws.close()
+
+
+async def _chain(first: list[str | bytes], rest: ClientConnection) -> AsyncIterator[str | bytes]:
+    while first:
+        yield first.pop(0)
+    async for raw in rest:
+        yield raw
 
 
 class WsServices:
@@ -181,7 +208,13 @@ class WsServices:
         return await self.started("vad", vad_server_events, start, VadReady)
 
     async def stt(self) -> WsStream[SttServerEvent]:
-        return await self.connect("stt", stt_server_events)
+        stream = await self.connect("stt", stt_server_events)
+        try:
+            await stream.admitted(ADMISSION_WAIT_S)
+        except BaseException:
+            await stream.close(abort=True)
+            raise
+        return stream
 
     async def tts(self, start: TtsStart) -> WsStream[TtsServerEvent]:
         return await self.started("tts", tts_server_events, start, AudioStart)

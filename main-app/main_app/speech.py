@@ -101,7 +101,8 @@ class SpeechInput:
         handle: Callable[[Any], Awaitable[None]],
         closed: Callable[[], None],
     ) -> None:
-        backoff = Backoff(first=0.5, cap=5.0, reset_after_s=0.0)  # a link that opened starts over
+        # a link that stayed up 10 s starts over at 0.5 s; one refused or dropped at once waits longer each time
+        backoff = Backoff(first=0.5, cap=5.0, reset_after_s=10.0)
         while True:
             try:
                 stream = await open_()

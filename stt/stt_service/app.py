@@ -76,7 +76,7 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
     )
     limiter = Limiter(settings.max_concurrent, settings.max_queue)
     app.state.limiter = limiter
-    decode_seconds = Histogram("stt_decode_seconds", "decode time", ["kind"], registry=app.state.registry)
+    decode_seconds = Histogram("stt_decode_duration_seconds", "decode time", ["kind"], registry=app.state.registry)
     audio_seconds = Counter("stt_audio_seconds", "audio transcribed", registry=app.state.registry)
 
     async def run_transcribe(
@@ -140,7 +140,9 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
         try:
             temp = float(str(temperature)) if temperature not in (None, "") else None
         except ValueError:
-            raise ApiError(400, "invalid_temperature", "temperature must be a number") from None
+            temp = float("nan")
+        if temp is not None and not 0 <= temp <= 1:  # also NaN and inf
+            raise ApiError(400, "invalid_temperature", "temperature must be a number from 0 to 1")
         granularities = [
             str(g) for g in form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
         ]

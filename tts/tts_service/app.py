@@ -15,9 +15,10 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import Histogram
 from pydantic import BaseModel, Field
 from voice_common.app import create_service_app, engine_of
-from voice_common.audio import encode_audio, float32_to_pcm16, resample
+from voice_common.audio import StreamEncoder, encode_audio, float32_to_pcm16, resample
 from voice_common.errors import ApiError
 from voice_common.limits import URGENT, Limiter
+from voice_common.sse import event_stream
 
 from .engine import PiperEngine, Scheduler, Synthesizer
 from .settings import TtsSettings
@@ -27,7 +28,23 @@ from .text import clean_for_speech, split_sentences
 logger = logging.getLogger(__name__)
 SERVICE = "tts"
 Engine = Annotated[Synthesizer, Depends(engine_of)]
-MEDIA = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "opus": "audio/ogg", "pcm": "audio/pcm"}
+MEDIA = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+    "pcm": "audio/pcm",
+}
+
+
+def audio_delta(data: bytes) -> dict[str, Any]:
+    return {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+
+
+def speech_done(text: str) -> dict[str, Any]:
+    words = len(text.split())
+    return {"type": "speech.audio.done", "usage": {"input_tokens": words, "output_tokens": 0, "total_tokens": words}}
 
 
 class SynthesizeRequest(BaseModel):
@@ -74,7 +91,7 @@ def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None =
         },
         stream=lambda socket, engine: TtsStream(socket, engine, settings, scheduler),
     )
-    synth_seconds = Histogram("tts_synthesis_seconds", "time to synthesize one sentence", registry=app.state.registry)
+    synth_seconds = Histogram("tts_synthesis_duration_seconds", "time to synthesize one sentence", registry=app.state.registry)
     scheduler = Scheduler(Limiter(settings.max_concurrent, settings.max_queue), synth_seconds)
 
     def check_text(text: str) -> str:
@@ -128,32 +145,42 @@ def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None =
 
     @app.post("/v1/audio/speech")
     async def speech(req: SpeechRequest, engine: Engine) -> Response:
+        """Every format streams sentence by sentence (mp3, opus, aac and wav encoded incrementally)
+        except flac, which is rendered whole (see `StreamEncoder`)."""
         text = check_text(req.input)
-        if req.response_format == "aac":
-            raise ApiError(400, "unsupported_format", "aac is not available; use mp3, opus, flac, wav or pcm")
         voice = engine.resolve(req.voice)
         fmt = req.response_format
         rate = 24000 if fmt == "pcm" else settings.sample_rate or engine.voices[voice].sample_rate
+        if fmt == "flac":
+            audio = await render(engine, text, voice, req.speed, rate)
+            data = await asyncio.to_thread(encode_audio, audio, rate, fmt)
+            if req.stream_format == "sse":
+
+                async def whole() -> AsyncIterator[dict[str, Any]]:
+                    yield audio_delta(data)
+                    yield speech_done(text)
+
+                return event_stream(whole(), done=False)
+            return Response(data, media_type=MEDIA[fmt])
+
+        async def encoded() -> AsyncIterator[bytes]:
+            encoder = StreamEncoder(fmt, rate) if fmt != "pcm" else None
+            async for part in sentences_audio(engine, text, voice, req.speed, rate):
+                data = float32_to_pcm16(part) if encoder is None else await asyncio.to_thread(encoder.encode, part)
+                if data:
+                    yield data
+            if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
+                yield tail
+
         if req.stream_format == "sse":
 
-            async def events() -> AsyncIterator[str]:
-                async for part in sentences_audio(engine, text, voice, req.speed, rate):
-                    data = encode_audio(part, rate, fmt) if fmt != "pcm" else float32_to_pcm16(part)
-                    delta = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
-                    yield f"data: {json.dumps(delta)}\n\n"
-                usage = {"input_tokens": len(text.split()), "output_tokens": 0, "total_tokens": len(text.split())}
-                yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n"
+            async def events() -> AsyncIterator[dict[str, Any]]:
+                async for data in encoded():
+                    yield audio_delta(data)
+                yield speech_done(text)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        if fmt == "pcm":  # raw PCM streams sentence by sentence
-
-            async def pcm() -> AsyncIterator[bytes]:
-                async for part in sentences_audio(engine, text, voice, req.speed, rate):
-                    yield float32_to_pcm16(part)
-
-            return StreamingResponse(pcm(), media_type=MEDIA["pcm"], headers={"X-Sample-Rate": str(rate)})
-        audio = await render(engine, text, voice, req.speed, rate)
-        data = await asyncio.to_thread(encode_audio, audio, rate, fmt)
-        return Response(data, media_type=MEDIA[fmt])
+            return event_stream(events(), done=False)
+        headers = {"X-Sample-Rate": str(rate)} if fmt == "pcm" else {}
+        return StreamingResponse(encoded(), media_type=MEDIA[fmt], headers=headers)
 
     return app

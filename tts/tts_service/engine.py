@@ -120,6 +120,9 @@ class PiperEngine:
                 # idle pool threads sleep instead of spinning: on a shared machine the spin would take the
                 # cores the STT and LLM need between two piper runs
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                # every sentence has another length: onnxruntime's arena keeps each size it has seen and
+                # grows for hours (a soak measured +500 MB); plain malloc gives the memory back
+                opts.enable_cpu_mem_arena = False
                 model = self.voices_dir / f"{name}.onnx"
                 config = json.loads((self.voices_dir / f"{name}.onnx.json").read_text())
                 session = ort.InferenceSession(str(model), sess_options=opts, providers=self.providers)

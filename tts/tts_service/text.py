@@ -16,6 +16,7 @@ _EMOJI = re.compile(
     "[\U0001f000-\U0001faff\U00002600-\U000027bf\U0001f900-\U0001f9ff\U00002190-\U000021ff\U00002b00-\U00002bff"
     "\ufe0f\u200d]+"
 )
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # NUL etc. (espeak chokes)
 _MARKDOWN = [
     (re.compile(r"```.*?```", re.S), " "),  # code blocks are not for speaking
     (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),  # images
@@ -32,7 +33,8 @@ _MARKDOWN = [
 
 
 def clean_for_speech(text: str) -> str:
-    """Strip markdown and emoji; keep the words. Idempotent."""
+    """Strip markdown, emoji and control characters; keep the words. Idempotent."""
+    text = _CONTROL.sub(" ", text)
     for pattern, repl in _MARKDOWN:
         text = pattern.sub(repl, text)
     text = _EMOJI.sub(" ", text)
