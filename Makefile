@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MODELS_DIR ?= $(CURDIR)/models
 export MODELS_DIR
-APT_PACKAGES := espeak-ng pocketsphinx-testdata chromium sox cmake g++
+APT_PACKAGES := espeak-ng pocketsphinx-testdata chromium sox cmake g++ openssl curl
 PACKAGES := common vad stt tts llm main-app
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test test-fast setup apt venv deps models llama-server lint fmt bench clean lock
 
-run: setup ## install what is missing, start all five services, Ctrl-C stops them
-	$(PY) -m devtools.launcher
+run: setup ## install what is missing, start all five services, Ctrl-C stops them (HTTPS=1: for phones on the LAN)
+	$(PY) -m devtools.launcher $(if $(HTTPS),--https)
 
 test: setup lint ## install what is missing and run the whole test suite
 	$(PY) -m pytest
@@ -23,7 +23,7 @@ test-fast: deps ## orchestration and unit tests: no model, no subprocess, second
 
 setup: apt deps models llama-server
 
-apt: ## Debian packages: espeak-ng (test speech), pocketsphinx-testdata (LibriVox clips), chromium (browser test), cmake + g++ (llama-server)
+apt: ## Debian packages: espeak-ng (test speech), pocketsphinx-testdata (LibriVox clips), chromium (browser test), cmake + g++ (llama-server), openssl (HTTPS=1), curl
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "[apt] installing$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \

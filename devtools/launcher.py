@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -39,8 +41,10 @@ SERVICES: tuple[ServiceSpec, ...] = (
 
 
 def health(url: str, timeout: float = 3.0) -> int:
+    # our own services on this machine: a self-signed certificate is expected, not checked
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -58,7 +62,8 @@ class ServiceProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.env.get(f"{self.spec.env_prefix}SSL_CERTFILE") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> ServiceProcess:
         env = {**os.environ, f"{self.spec.env_prefix}PORT": str(self.port), **self.env}
@@ -137,19 +142,54 @@ class Supervisor:
             time.sleep(0.2)
 
 
+def lan_address() -> str:
+    """This machine's address on the LAN (the route to a private address; nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))
+            return str(sock.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def self_signed_certificate(folder: Path, address: str) -> tuple[Path, Path]:
+    """A certificate for localhost and this machine's LAN address (made once, kept in `folder`), so a
+    phone on the LAN gets a secure page (the microphone needs one) after accepting the warning once."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if cert.exists() and key.exists() and address in cert.with_suffix(".names").read_text():
+        return cert, key
+    folder.mkdir(parents=True, exist_ok=True)
+    names = f"DNS:localhost,IP:127.0.0.1,IP:{address}"
+    request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "825", "-subj", "/CN=voicechat"]
+    files = ["-keyout", str(key), "-out", str(cert), "-addext", f"subjectAltName={names}"]
+    subprocess.run([*request, *files], check=True, capture_output=True)
+    cert.with_suffix(".names").write_text(names)
+    return cert, key
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run all five services on their default ports.")
     parser.add_argument("--logs", type=Path, default=REPO_ROOT / "data" / "logs")
     parser.add_argument("--only", default="", help="comma-separated subset, e.g. vad,stt")
+    parser.add_argument(
+        "--https", action="store_true", help="main-app on the LAN over HTTPS, with a self-signed certificate"
+    )
     args = parser.parse_args(argv)
     args.logs.mkdir(parents=True, exist_ok=True)
     wanted = set(args.only.split(",")) if args.only else None
     ports = {s.name: int(os.environ.get(f"{s.env_prefix}PORT", s.port)) for s in SERVICES}
     # main-app finds the others where they were started, unless APP_<X>_URL says otherwise
     urls = {f"APP_{n.upper()}_URL": f"http://127.0.0.1:{p}" for n, p in ports.items() if n != "main-app"}
-    urls = {k: v for k, v in urls.items() if k not in os.environ}
+    app_env = {k: v for k, v in urls.items() if k not in os.environ}
+    address = "localhost"
+    if args.https:
+        address = lan_address()
+        cert, key = self_signed_certificate(REPO_ROOT / "data" / "tls", address)
+        app_env |= {"APP_SSL_CERTFILE": str(cert), "APP_SSL_KEYFILE": str(key), "APP_HOST": "0.0.0.0"}
     procs = [
-        ServiceProcess(s, ports[s.name], env=urls if s.name == "main-app" else {}, log_path=args.logs / f"{s.name}.log")
+        ServiceProcess(
+            s, ports[s.name], env=app_env if s.name == "main-app" else {}, log_path=args.logs / f"{s.name}.log"
+        )
         for s in SERVICES
         if wanted is None or s.name in wanted
     ]
@@ -174,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {p.spec.name:9s} healthy on {p.url} (pid {pid}, {time.monotonic() - t0:.1f} s)", flush=True)
         else:
             print(
-                f"\nAll services are up. Open http://localhost:{ports['main-app']} in your browser."
+                f"\nAll services are up. Open {'https' if args.https else 'http'}://{address}:{ports['main-app']} "
+                "in your browser."
                 " Ctrl-C stops everything.\n",
                 flush=True,
             )

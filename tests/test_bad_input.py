@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import re
+from collections.abc import Sequence
 
 import httpx
 import numpy as np
@@ -137,7 +138,7 @@ async def test_an_over_long_message_does_not_poison_the_conversation(table: Tabl
         assert r.status_code == 200 and "paris" in r.json()["reply"].lower(), r.text
 
 
-async def flood(url: str, frames: list[str | bytes]) -> list[dict]:
+async def flood(url: str, frames: Sequence[str | bytes]) -> list[dict]:
     """Send a flood of bad frames, then wait a moment: the error events that came back."""
     async with websockets.connect(url) as ws:
         for frame in frames:

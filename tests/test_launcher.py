@@ -78,3 +78,28 @@ def test_run_all_restart_a_crash_then_ctrl_c(tmp_path) -> None:
             raise AssertionError(f"port {port} still answers")
         except OSError:
             pass
+
+
+def test_main_app_over_https_with_a_self_signed_certificate(tmp_path) -> None:
+    """What `make run HTTPS=1` does for main-app: a certificate for localhost and the LAN address, and
+    main-app serving TLS with it (a phone on the LAN then gets a secure page and its microphone)."""
+    import json
+    import shutil
+
+    from devtools.launcher import ServiceProcess, lan_address, self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path / "tls", lan_address())
+    assert self_signed_certificate(tmp_path / "tls", lan_address()) == (cert, key)  # made once, then kept
+    spec = next(s for s in SERVICES if s.name == "main-app")
+    env = {"APP_SSL_CERTFILE": str(cert), "APP_SSL_KEYFILE": str(key), "APP_DATA_DIR": str(tmp_path / "data")}
+    app = ServiceProcess(spec, free_port(), env=env, log_path=tmp_path / "main-app.log").start()
+    try:
+        assert app.url.startswith("https://")
+        app.wait_healthy(timeout=60)
+        if shutil.which("curl"):  # as a user would check it
+            out = subprocess.run(["curl", "-sk", f"{app.url}/healthz"], capture_output=True, text=True, check=True)
+            assert json.loads(out.stdout)["status"] == "ok"
+        assert health_of(f"{app.url}/healthz") == 200
+        assert health_of(app.url.replace("https://", "http://") + "/healthz") != 200  # TLS only
+    finally:
+        app.stop()

@@ -7,6 +7,7 @@ getUserMedia -> AudioWorklet -> 16 kHz PCM16 -> main-app -> ... -> reply audio -
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,8 @@ def mic_wav(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-async def browser(mic_wav: Path) -> AsyncIterator[Browser]:
+@asynccontextmanager
+async def chromium(mic_wav: Path, *extra: str) -> AsyncIterator[Browser]:
     async with async_playwright() as p:
         b = await p.chromium.launch(
             executable_path=CHROMIUM,
@@ -53,10 +54,19 @@ async def browser(mic_wav: Path) -> AsyncIterator[Browser]:
                 "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={mic_wav}",
+                *extra,
             ],
         )
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+async def browser(mic_wav: Path) -> AsyncIterator[Browser]:
+    async with chromium(mic_wav) as b:
         yield b
-        await b.close()
 
 
 async def open_page(browser: Browser, url: str, width: int = 1280, height: int = 800) -> Page:
@@ -130,3 +140,65 @@ async def test_resume_a_conversation_from_the_list(stack, browser) -> None:
     await page.wait_for_function(f"window.voicechat.conversationId !== '{cid}'")
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{stack.url}/conversations/{cid}", headers=mine)).status_code == 404
+
+
+async def test_accessible_with_keyboard_and_screen_reader(stack, browser) -> None:
+    """axe-core finds nothing serious; every control is reachable with Tab; a reply streams into a
+    `log` that is busy until the reply is complete; toggles say whether they are on; Esc stops a reply."""
+    from axe_playwright_python.async_playwright import Axe
+
+    page = await open_page(browser, stack.url)
+    results = await Axe().run(page)
+    serious = [v["id"] for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
+    assert not serious, results.generate_report()
+
+    reached = []
+    for _ in range(20):
+        await page.keyboard.press("Tab")
+        reached.append(await page.evaluate("document.activeElement.id || document.activeElement.className"))
+    for control in ("new-conversation", "theme", "talk", "ptt", "speak", "voice", "mic", "message", "send"):
+        assert control in reached, (control, reached)
+
+    assert await page.get_attribute("#theme", "aria-pressed") in ("true", "false")
+    before = await page.get_attribute("#theme", "aria-pressed")
+    await page.focus("#theme")
+    await page.keyboard.press("Enter")
+    assert await page.get_attribute("#theme", "aria-pressed") != before
+    assert await page.get_attribute("#transcript", "role") == "log"
+    assert await page.get_attribute("#banner", "role") == "alert"
+
+    # a spoken reply: the log is busy while it streams, Stop is shown, and Esc stops it
+    await page.focus("#message")
+    await page.keyboard.type("Count from one to forty in words, slowly.")
+    await page.keyboard.press("Enter")
+    await page.wait_for_function("window.voicechat.audioTurn != null", timeout=60000)
+    assert await page.is_visible("#stop")
+    assert await page.get_attribute("#transcript", "aria-busy") == "true"
+    await page.keyboard.press("Escape")
+    await page.wait_for_selector(".msg.assistant.interrupted", timeout=10000)
+    assert not await page.is_visible("#stop")
+    assert await page.get_attribute("#transcript", "aria-busy") == "false"
+
+    # the microphone picker lists the (fake) device once the microphone is allowed
+    await page.click("#talk")
+    await page.wait_for_function("document.querySelectorAll('#mic option').length > 1", timeout=10000)
+    await page.emulate_media(reduced_motion="reduce")
+    await page.evaluate("document.querySelector('#talk').classList.add('listening')")
+    assert await page.evaluate("getComputedStyle(document.querySelector('#talk')).animationName") == "none"
+    assert not page.errors  # type: ignore[attr-defined]
+
+
+async def test_an_insecure_page_says_why_the_microphone_is_off(stack, mic_wav) -> None:
+    """From another computer over plain http the browser withholds the microphone: the page says what to
+    do instead of failing silently. (`lan.test` is resolved to this machine: an origin that is not
+    localhost and not https, as http://192.168.x.y:8000 is.)"""
+    async with chromium(mic_wav, "--host-resolver-rules=MAP lan.test 127.0.0.1") as b:
+        page = await b.new_page()
+        await page.goto(stack.url.replace("127.0.0.1", "lan.test"))
+        await page.wait_for_function("window.voicechat && window.voicechat.connected", timeout=15000)
+        assert not await page.evaluate("window.isSecureContext")
+        notice = await page.inner_text("#notice")
+        assert "secure page" in notice and "HTTPS=1" in notice and await page.is_disabled("#talk")
+        await page.fill("#message", "Say OK.")  # typing still works
+        await page.click("#send")
+        await page.wait_for_function("window.voicechat.stats.replies > 0", timeout=60000)

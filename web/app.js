@@ -6,12 +6,14 @@ const $ = (id) => document.getElementById(id);
 const state = {
   ws: null, conversationId: new URLSearchParams(location.search).get("c"), outputRate: 22050,
   audioTurn: null, bubbles: {}, interim: null, retry: 0, listening: false, pttHeld: false, connected: false,
+  replying: null, replyDone: null, // the turn being generated or played (Stop is for it); the last one done
   services: {}, stats: { playedSamples: 0, audioBytes: 0, replies: 0 },
 };
 window.voicechat = state; // for tests and curious developers
 
 const player = new Player((report) => {
   const turn = state.audioTurn;
+  if (state.replying != null && state.replyDone === state.replying && report.queued === 0) setReplying(null);
   state.stats.playedSamples = Object.values(report.played).reduce((a, b) => a + b, 0);
   if (turn != null && state.ws?.readyState === 1) send({ type: "playback", turn, played_ms: Math.round(player.playedMs(turn)) });
 });
@@ -82,6 +84,7 @@ async function onEvent(ev) {
       showUserText(ev.text, ev.final);
       break;
     case "reply_delta": {
+      setReplying(ev.turn);
       const b = assistantBubble(ev.turn);
       b.dataset.raw = (b.dataset.raw || "") + ev.text;
       b.querySelector(".body").innerHTML = renderMarkdown(b.dataset.raw);
@@ -93,6 +96,7 @@ async function onEvent(ev) {
       state.audioTurn = ev.turn;
       break;
     case "interrupted":
+      setReplying(null);
       player.flush();
       send({ type: "playback", turn: ev.turn, played_ms: Math.round(player.playedMs(ev.turn)) });
       state.audioTurn = null;
@@ -100,6 +104,8 @@ async function onEvent(ev) {
       break;
     case "reply_done": {
       state.stats.replies++;
+      state.replyDone = ev.turn; // its audio may still be playing: Stop stays until the player runs dry
+      if (ev.interrupted || state.audioTurn !== ev.turn) setReplying(null);
       const b = assistantBubble(ev.turn);
       if (ev.interrupted) b.classList.add("interrupted");
       if (!b.dataset.raw && ev.text) b.querySelector(".body").innerHTML = renderMarkdown(ev.text);
@@ -139,10 +145,13 @@ function addBubble(kind, html, raw = false) {
 }
 
 function showUserText(text, final) {
-  if (!state.interim) state.interim = addBubble("user interim", "");
+  if (!state.interim) {
+    state.interim = addBubble("user interim", "");
+    state.interim.setAttribute("aria-hidden", "true"); // words still changing: announce only the final text
+  }
   state.interim.querySelector(".body").textContent = text || "…";
   if (final) {
-    if (!text) state.interim.remove(); else state.interim.classList.remove("interim");
+    if (!text) state.interim.remove(); else { state.interim.classList.remove("interim"); state.interim.removeAttribute("aria-hidden"); }
     state.interim = null;
   }
 }
@@ -207,14 +216,18 @@ $("conversation-list").addEventListener("click", async (e) => {
   } else openConversation(id);
 });
 $("new-conversation").onclick = () => openConversation(null);
-$("toggle-sidebar").onclick = () => $("sidebar").classList.toggle("open");
+$("toggle-sidebar").onclick = () => {
+  const open = $("sidebar").classList.toggle("open");
+  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+};
 
 // --- talking and typing -----------------------------------------------------------------------------
 async function startMic() {
   try {
     await player.ensure(state.outputRate); // created on a user gesture, so playback is allowed
-    await mic.start();
+    await mic.start($("mic").value || localStorage.getItem("mic") || undefined);
     state.listening = true; banner("");
+    listMicrophones(); // device names are only given once the user has allowed the microphone
   } catch (err) {
     const denied = err && (err.name === "NotAllowedError" || err.name === "SecurityError");
     banner(denied ? "Microphone access was denied. Allow it in your browser's site settings, or type instead."
@@ -269,8 +282,59 @@ $("composer").addEventListener("submit", async (e) => {
   $("message").value = "";
 });
 
+// --- stopping a reply, choosing a microphone, secure pages -------------------------------------------
+function setReplying(turn) {
+  state.replying = turn;
+  $("stop").hidden = turn == null;
+  $("transcript").setAttribute("aria-busy", String(turn != null)); // the reply is read out once complete
+}
+
+function stopReply() {
+  if (state.replying == null && state.audioTurn == null) return false;
+  player.flush();
+  send({ type: "interrupt" });
+  setReplying(null);
+  return true;
+}
+
+$("stop").onclick = stopReply;
+window.addEventListener("keydown", (e) => {
+  if (e.key !== "Escape") return;
+  if (stopReply()) e.preventDefault();
+  else if (state.listening && !$("ptt").checked) stopMic(); // hands-free: Esc also stops listening
+});
+
+async function listMicrophones() {
+  if (!navigator.mediaDevices?.enumerateDevices) return;
+  const chosen = $("mic").value || localStorage.getItem("mic") || "";
+  const inputs = (await navigator.mediaDevices.enumerateDevices()).filter((d) => d.kind === "audioinput" && d.deviceId);
+  $("mic").innerHTML = `<option value="">Default</option>` + inputs.map((d, i) =>
+    `<option value="${escapeHtml(d.deviceId)}" ${d.deviceId === chosen ? "selected" : ""}>${escapeHtml(d.label || `Microphone ${i + 1}`)}</option>`).join("");
+}
+
+$("mic").onchange = async () => {
+  localStorage.setItem("mic", $("mic").value);
+  if (mic.running) { await mic.stop(); await startMic(); }
+};
+
+function checkSecureContext() {
+  if (window.isSecureContext && navigator.mediaDevices?.getUserMedia) return;
+  // browsers give the microphone only to https pages and to localhost
+  // (and audio worklets, so spoken replies cannot play either: replies come as text)
+  for (const id of ["talk", "ptt", "mic", "speak"]) $(id).disabled = true;
+  $("speak").checked = false;
+  const notice = $("notice");
+  notice.hidden = false;
+  notice.textContent = `Voice needs a secure page: this browser blocks the microphone and audio on ${location.origin}. ` +
+    `Open it over https (start the server with “make run HTTPS=1” and accept its certificate once), ` +
+    `or as http://localhost on the computer running it. Typing works here, with replies as text.`;
+}
+
 // --- theme, voices, boot ----------------------------------------------------------------------------
-function applyTheme(theme) { document.documentElement.dataset.theme = theme; localStorage.setItem("theme", theme); }
+function applyTheme(theme) {
+  document.documentElement.dataset.theme = theme; localStorage.setItem("theme", theme);
+  $("theme").setAttribute("aria-pressed", String(theme === "dark"));
+}
 applyTheme(localStorage.getItem("theme") || (matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light"));
 $("theme").onclick = () => applyTheme(document.documentElement.dataset.theme === "dark" ? "light" : "dark");
 
@@ -290,5 +354,7 @@ async function pollHealth() {
 }
 
 renderTalk();
+checkSecureContext();
+listMicrophones();
 loadVoices().then(connect);
 pollHealth(); setInterval(pollHealth, 10000);

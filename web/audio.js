@@ -2,9 +2,12 @@
 export class Microphone {
   constructor(onFrame) { this.onFrame = onFrame; this.ctx = null; this.node = null; this.stream = null; }
 
-  async start() {
+  async start(deviceId) {
     this.stream = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+      audio: {
+        echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1,
+        ...(deviceId ? { deviceId: { exact: deviceId } } : {}),
+      },
     });
     this.ctx = new AudioContext();
     await this.ctx.audioWorklet.addModule("/static/worklets/capture.js");

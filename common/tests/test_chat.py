@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from voice_common.chat import estimate_tokens, trim_history
 from voice_common.protocol import ChatMessage
@@ -43,5 +45,5 @@ def test_the_kept_history_starts_at_the_same_message_for_many_turns() -> None:
         assert trimmed[-1] == history[-1]
         starts.append(trimmed[1].content)
         history.append(ChatMessage(role="assistant", content=f"answer {turn} " + "reply " * 60))
-    moves = sum(a != b for a, b in zip(starts, starts[1:], strict=False))
+    moves = sum(a != b for a, b in itertools.pairwise(starts))
     assert 2 <= moves <= 80 // 5, moves  # it does trim, in big steps (one turn at a time: ~70 moves)

@@ -286,4 +286,12 @@ def run(app: FastAPI, settings: ServiceSettings) -> None:
     from .logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_json)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, ws_max_size=4 * 1024 * 1024)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        ws_max_size=4 * 1024 * 1024,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+    )

@@ -25,6 +25,12 @@ class ServiceSettings(BaseSettings):
         "127.0.0.1", description="loopback unless opted in: 0.0.0.0 serves the LAN (the container images set it)"
     )
     port: int = 8000
+    ssl_certfile: Path | None = Field(
+        None,
+        description="serve HTTPS with this certificate (PEM) and ssl_keyfile: browsers allow the microphone "
+        "only on https pages or localhost (`make run HTTPS=1` makes a self-signed pair for the LAN)",
+    )
+    ssl_keyfile: Path | None = None
     api_key: str | None = None
     log_level: str = "INFO"
     log_json: bool = True

@@ -170,7 +170,7 @@ class LlamaServer:
         ctx_per_slot: int,
         threads: int,
         port: int = 0,
-        cache_ram_mb: int = 256,
+        cache_ram_mb: int = 64,
     ) -> None:
         if not binary.exists():
             raise FileNotFoundError(f"{binary} not found: run `make llama-server` (builds it once)")

@@ -41,7 +41,7 @@ class LlmSettings(ServiceSettings):
     server_binary: Path | None = Field(None, description="llama-server executable; default the one `make` builds")
     server_port: int = Field(0, description="llama-server's port on 127.0.0.1; 0 = any free port")
     cache_ram_mb: int = Field(
-        256, description="llama-server's RAM for the prompts of conversations beyond the slots (0: none)"
+        64, description="llama-server's RAM for the prompts of conversations beyond the slots (0: none)"
     )
     # ollama
     ollama_base_url: str = Field("http://localhost:11434", validation_alias="OLLAMA_BASE_URL")

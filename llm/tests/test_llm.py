@@ -149,12 +149,19 @@ def test_openai_client_stream_and_not(llm) -> None:
         )
     )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert all(c.usage is None for c in chunks[:-1]) and not chunks[-1].choices  # as OpenAI: usage last
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "paris" in text.lower()
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=[{"role": "assistant", "content": "hi"}])
+    # the voice persona only when the client brings no system message of its own
+    own: list[Any] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with_own = client.chat.completions.create(model=model, messages=own, max_tokens=1).usage
+    without = client.chat.completions.create(model=model, messages=own[1:], max_tokens=1).usage
+    assert with_own is not None and without is not None
+    assert without.prompt_tokens > with_own.prompt_tokens + 20  # the persona is ~50 tokens
     with pytest.raises(openai.NotFoundError) as unknown:  # a local engine has one model: say so, never ignore
         client.chat.completions.create(model="gpt-4o", messages=ASK)
     assert unknown.value.code == "model_not_found" and model in unknown.value.message

@@ -396,7 +396,8 @@ class Reply:
                     await self.out.error("tts", item.code, item.message)
         except (TimeoutError, ServiceError) as exc:
             self.speak = False
-            await self.out.service_down("tts", f"speech synthesis failed ({exc}); replying in text")
+            why = exc.message if isinstance(exc, ServiceError) else f"no audio for {self.settings.tts_timeout_s:g} s"
+            await self.out.service_down("tts", f"speech synthesis failed ({why}); replying in text")
         finally:
             if sentence is not None:
                 self.sentences.append((sentence[0], sentence[1], self.audio_ms))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -13,10 +14,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import Counter, Histogram
 from voice_common.app import create_service_app, engine_of
 from voice_common.audio import AudioError, AudioTooLong, load_mono
-from voice_common.errors import ApiError
+from voice_common.errors import ApiError, error_body
 from voice_common.limits import Limiter
+from voice_common.sse import event_stream
 
-from .engine import RATE, FasterWhisper, Transcriber, Transcript, check_language
+from .engine import RATE, FasterWhisper, Seg, Transcriber, Transcript, check_language
 from .formats import openai_body
 from .settings import SttSettings
 from .streaming import SttStream
@@ -86,6 +88,8 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
         prompt: str | None,
         temperature: float | None = None,
         words: bool = False,
+        task: str = "transcribe",
+        on_segment: Callable[[Seg], None] | None = None,
     ) -> Transcript:
         language = check_language(language or settings.language, engine)
         if prompt and len(prompt) > MAX_PROMPT_CHARS:  # Whisper reads ~224 tokens; more only costs time
@@ -100,7 +104,14 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
                 f"audio is {len(samples) / RATE:.0f} s; the limit is {settings.max_audio_s:.0f} s",
             )
         result = await limiter.run_in_thread(
-            engine.transcribe, samples, language=language, prompt=prompt, temperature=temperature, word_timestamps=words
+            engine.transcribe,
+            samples,
+            language=language,
+            prompt=prompt,
+            temperature=temperature,
+            word_timestamps=words,
+            task=task,
+            on_segment=on_segment,
         )
         decode_seconds.labels("file").observe(result.processing_ms / 1000)
         audio_seconds.inc(result.duration)
@@ -112,8 +123,9 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
         file: UploadFile = File(...),
         language: str | None = Form(None),
         prompt: str | None = Form(None),
+        temperature: str | None = Form(None),
     ) -> dict[str, Any]:
-        r = await run_transcribe(engine, await file.read(), language, prompt)
+        r = await run_transcribe(engine, await file.read(), language, prompt, check_temperature(temperature))
         return {
             "text": r.text,
             "language": r.language,
@@ -125,8 +137,8 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
             "processing_ms": r.processing_ms,
         }
 
-    @app.post("/v1/audio/transcriptions")
-    async def openai_transcriptions(request: Request, engine: Engine) -> Response:
+    async def openai_audio(request: Request, engine: Transcriber, task: str) -> Response:
+        """OpenAI's transcriptions and translations: the same form, Whisper's two tasks."""
         form = await request.form()
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
@@ -136,24 +148,29 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
             raise ApiError(
                 400, "invalid_response_format", f"response_format {fmt!r}: use json, text, verbose_json, srt, vtt"
             )
-        temperature = form.get("temperature")
-        try:
-            temp = float(str(temperature)) if temperature not in (None, "") else None
-        except ValueError:
-            temp = float("nan")
-        if temp is not None and not 0 <= temp <= 1:  # also NaN and inf
-            raise ApiError(400, "invalid_temperature", "temperature must be a number from 0 to 1")
         granularities = [
             str(g) for g in form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
         ]
         words = "word" in granularities
-        r = await run_transcribe(
-            engine, await upload.read(), _str(form.get("language")), _str(form.get("prompt")), temp, words
-        )
+        language = _str(form.get("language")) if task == "transcribe" else None
+        args = (engine, await upload.read(), language, _str(form.get("prompt")))
+        temp = check_temperature(_str(form.get("temperature")))
+        if str(form.get("stream") or "").lower() == "true" and task == "transcribe":
+            return stream_transcript(run_transcribe, args, temp)
+        r = await run_transcribe(*args, temp, words, task=task)
         body, media = openai_body(r, fmt, words, "segment" in granularities or not granularities)
         if isinstance(body, str):
             return PlainTextResponse(body, media_type=media)
         return JSONResponse(body)
+
+    @app.post("/v1/audio/transcriptions")
+    async def openai_transcriptions(request: Request, engine: Engine) -> Response:
+        return await openai_audio(request, engine, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def openai_translations(request: Request, engine: Engine) -> Response:
+        """English text from speech in another language (needs a multilingual model)."""
+        return await openai_audio(request, engine, "translate")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -165,3 +182,50 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
 
 def _str(value: Any) -> str | None:
     return str(value) if value not in (None, "") else None
+
+
+def check_temperature(value: str | None) -> float | None:
+    """Whisper's sampling temperature, 0..1 as OpenAI's API has it; never inf or NaN."""
+    if value is None or value == "":
+        return None
+    try:
+        temp = float(value)
+    except ValueError:
+        temp = float("nan")
+    if not 0 <= temp <= 1:
+        raise ApiError(400, "invalid_temperature", "temperature must be a number from 0 to 1")
+    return temp
+
+
+def stream_transcript(
+    run: Callable[..., Awaitable[Transcript]], args: tuple[Any, ...], temperature: float | None
+) -> Response:
+    """OpenAI's streamed transcription: a `transcript.text.delta` per segment as Whisper decodes it
+    (the decode runs in a worker thread, the segments cross to the loop), then `transcript.text.done`."""
+    loop = asyncio.get_running_loop()
+    segments: asyncio.Queue[Seg | None] = asyncio.Queue()  # at most one item per segment of a bounded file
+
+    async def decode() -> Transcript:
+        try:
+            return await run(
+                *args, temperature, on_segment=lambda seg: loop.call_soon_threadsafe(segments.put_nowait, seg)
+            )
+        finally:
+            segments.put_nowait(None)
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        task = asyncio.create_task(decode())
+        try:
+            first = True
+            while (seg := await segments.get()) is not None:
+                if seg.text:
+                    yield {"type": "transcript.text.delta", "delta": seg.text if first else " " + seg.text}
+                    first = False
+            r = await task
+            yield {"type": "transcript.text.done", "text": r.text}
+        except ApiError as exc:
+            yield {"type": "error", **error_body(exc.status, exc.code, exc.message)}
+        finally:
+            task.cancel()
+
+    return event_stream(events(), done=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -57,8 +58,12 @@ class Transcriber(Protocol):
         temperature: float | None = None,
         word_timestamps: bool = False,
         timestamps: bool = True,
+        task: str = "transcribe",
+        on_segment: Callable[[Seg], None] | None = None,
     ) -> Transcript:
-        """`timestamps=False` skips Whisper's timestamp tokens (~15% faster); segments then span the audio."""
+        """`timestamps=False` skips Whisper's timestamp tokens (~15% faster); segments then span the audio.
+        `task="translate"`: English text from speech in any language (multilingual models). `on_segment`
+        is called with each segment as it is decoded (in this thread), for streamed transcripts."""
         ...
 
 
@@ -95,9 +100,17 @@ class FasterWhisper:
         temperature: float | None = None,
         word_timestamps: bool = False,
         timestamps: bool = True,
+        task: str = "transcribe",
+        on_segment: Callable[[Seg], None] | None = None,
     ) -> Transcript:
         t0 = time.perf_counter()
         if not self.multilingual:
+            if task == "translate":
+                raise ApiError(
+                    400,
+                    "translation_unsupported",
+                    f"{self.name} is English-only; translation needs a multilingual model, e.g. STT_MODEL=whisper-base",
+                )
             language = "en"
         segments, info = self.model.transcribe(
             audio,
@@ -109,10 +122,12 @@ class FasterWhisper:
             without_timestamps=not timestamps and not word_timestamps,
             vad_filter=self.vad_filter,
             condition_on_previous_text=False,
+            task=task,
         )
         # The generator is lazy: consuming it here keeps the decoding in this worker thread.
-        segs = [
-            Seg(
+        segs = []
+        for s in segments:
+            seg = Seg(
                 s.start,
                 s.end,
                 s.text.strip(),
@@ -123,8 +138,9 @@ class FasterWhisper:
                 list(s.tokens),
                 [Word(w.start, w.end, w.word) for w in s.words or []],
             )
-            for s in segments
-        ]
+            segs.append(seg)
+            if on_segment is not None:
+                on_segment(seg)
         return Transcript(
             text=" ".join(s.text for s in segs if s.text).strip(),
             language=info.language,

@@ -66,6 +66,21 @@ def test_openai_client_all_formats(stt) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.audio.transcriptions.create(model="whisper-1", file=("x.wav", b"junk"), response_format="json")
     assert err.value.body["code"] == "invalid_audio"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as err:  # English-only model: says what would work
+        client.audio.translations.create(model="whisper-1", file=clip.path.read_bytes())
+    assert err.value.body["code"] == "translation_unsupported" and "whisper-base" in err.value.message  # type: ignore[index]
+
+
+def test_openai_client_streamed_transcription(stt) -> None:
+    client = openai.OpenAI(base_url=f"{stt.url}/v1", api_key="unused")
+    clip = CLIPS[0]  # several segments: deltas arrive as Whisper decodes them
+    with clip.path.open("rb") as fh:
+        events = list(client.audio.transcriptions.create(model="whisper-1", file=fh, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "transcript.text.done" and set(kinds[:-1]) == {"transcript.text.delta"} and kinds[:-1]
+    done = events[-1]
+    assert "".join(e.delta for e in events[:-1]) == done.text  # type: ignore[union-attr]
+    assert wer(clip.text, done.text) < 0.25  # type: ignore[union-attr]
 
 
 async def stream(url: str, pcm: bytes, realtime: bool = True, frame: int = 640) -> tuple[list[dict], dict, float]:
@@ -244,3 +259,11 @@ def test_multilingual_model_detects_the_language(start_service, tmp_path) -> Non
     words = set(re.findall(r"\w+", fr["text"].lower()))
     assert len(words & {"bonjour", "je", "voudrais", "table", "pour", "deux", "personnes", "soir"}) >= 2, fr
     assert en["language"] == "en" and "table" in en["text"].lower()
+    # translation: English text from the French speech. whisper-base translates espeak's robotic French
+    # poorly (the words vary by CPU), so the check is that Whisper's translate task ran: English words
+    # out, none of the French words its transcription heard
+    translator = openai.OpenAI(base_url=f"{base.url}/v1", api_key="unused")
+    translated = translator.audio.translations.create(model="whisper-1", file=french.read_bytes(), temperature=0)
+    heard = set(re.findall(r"\w+", translated.text.lower()))
+    assert heard & {"i", "the", "a", "to", "for", "would", "like", "table", "two", "people", "tonight", "book"}
+    assert not heard & (words & {"bonjour", "je", "voudrais", "pour", "deux", "personnes", "soir"}), translated.text

@@ -213,3 +213,31 @@ async def test_websocket_bad_events(tts) -> None:
         assert json.loads(await ws.recv())["code"] == "unexpected_audio"
         await ws.send(json.dumps({"type": "start", "speed": 99}))
         assert json.loads(await ws.recv())["code"] == "bad_event"
+
+
+async def test_compressed_speech_streams_before_the_text_is_spoken(tts) -> None:
+    """mp3, opus, aac and wav are encoded as the sentences are synthesised: the first bytes of a long
+    reply arrive long before the last, and the stream is one valid file."""
+    import time
+
+    import av
+
+    text = " ".join(SENTENCES * 3)
+    for fmt in ("mp3", "opus", "aac", "wav"):
+        body = {"model": "tts-1", "voice": "alloy", "input": text, "response_format": fmt}
+        t0 = time.perf_counter()
+        first = None
+        data = b""
+        async with (
+            httpx.AsyncClient(timeout=120) as client,
+            client.stream("POST", f"{tts.url}/v1/audio/speech", json=body) as r,
+        ):
+            assert r.status_code == 200
+            async for chunk in r.aiter_bytes():
+                first = first or time.perf_counter() - t0
+                data += chunk
+        total = time.perf_counter() - t0
+        assert first is not None and first < total / 3, (fmt, first, total)
+        with av.open(io.BytesIO(data), mode="r") as container:
+            seconds = sum(frame.samples / frame.sample_rate for frame in container.decode(audio=0))
+        assert seconds > 10, (fmt, seconds)

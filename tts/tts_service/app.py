@@ -91,7 +91,9 @@ def create_app(settings: TtsSettings | None = None, engine: Synthesizer | None =
         },
         stream=lambda socket, engine: TtsStream(socket, engine, settings, scheduler),
     )
-    synth_seconds = Histogram("tts_synthesis_duration_seconds", "time to synthesize one sentence", registry=app.state.registry)
+    synth_seconds = Histogram(
+        "tts_synthesis_duration_seconds", "time to synthesize one sentence", registry=app.state.registry
+    )
     scheduler = Scheduler(Limiter(settings.max_concurrent, settings.max_queue), synth_seconds)
 
     def check_text(text: str) -> str:
