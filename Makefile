@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MODELS_DIR ?= $(CURDIR)/models
 export MODELS_DIR
-APT_PACKAGES := espeak-ng pocketsphinx-testdata chromium sox cmake g++ openssl curl
+APT_PACKAGES := espeak-ng pocketsphinx-testdata chromium sox cmake g++ openssl curl postgresql
 PACKAGES := common vad stt tts llm main-app
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -23,7 +23,7 @@ test-fast: deps ## orchestration and unit tests: no model, no subprocess, second
 
 setup: apt deps models llama-server
 
-apt: ## Debian packages: espeak-ng (test speech), pocketsphinx-testdata (LibriVox clips), chromium (browser test), cmake + g++ (llama-server), openssl (HTTPS=1), curl
+apt: ## Debian packages: espeak-ng (test speech), pocketsphinx-testdata (LibriVox clips), chromium (browser test), cmake + g++ (llama-server), openssl (HTTPS=1), curl, postgresql (the shared-store tests start a throwaway server)
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "[apt] installing$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \

@@ -24,7 +24,7 @@ from .reply import LLM_DOWN_REPLY, Generations, llm_request
 from .services import ServiceError, Services, WsServices, check_health
 from .session import Session
 from .settings import AppSettings
-from .store import Store
+from .store import Store, open_store
 
 logger = logging.getLogger(__name__)
 STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_sent_ms", "reply_done_ms")
@@ -67,7 +67,7 @@ class AppContext:
                 self.stage_seconds.labels(stage.removesuffix("_ms"), metrics.source).observe(value / 1000)
 
     async def close(self) -> None:
-        self.store.close()
+        await self.store.close()
         await self.http.aclose()
 
 
@@ -90,7 +90,7 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
     app = create_service_app(
         name="main-app",
         settings=settings,
-        load=lambda: AppContext(settings, Store(settings.db_path), WsServices(settings), stage_seconds, speculations),
+        load=lambda: AppContext(settings, open_store(settings), WsServices(settings), stage_seconds, speculations),
         engine=engine,
         info=lambda _: {
             "model": None,

@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 LLM_DOWN_REPLY = "Sorry, I can't reach my language model right now. Please try again in a moment."
 LLM_BUSY_REPLY = "Sorry, I'm talking with too many people right now. Please try again in a moment."
 LLM_FAILED_REPLY = "Sorry, my language model could not answer that. Please try again."
+SENTENCE_END = re.compile(r"[.!?\n]")
 ECHO_WINDOW_S = 2.0  # after playback ends, a transcript can still be the tail of the reply's echo
 
 
@@ -352,6 +353,10 @@ class Reply:
                 self.text.append(token)
                 await self.emit(ReplyDelta(turn=self.turn, text=token))
                 await self.say(tts, token)
+                if self.released.is_set() and SENTENCE_END.search(token):
+                    # stored as far as it went, sentence by sentence: a main-app that dies mid-reply (a
+                    # replica killed) leaves the conversation with what was said, marked unfinished
+                    await self.store(self.reply, interrupted=True)
             await self.out.service_up("llm")
         except ServiceError as exc:
             self.failed = True

@@ -17,6 +17,11 @@ class AppSettings(ServiceSettings):
     llm_url: str = "http://127.0.0.1:3004"
     downstream_api_key: str | None = Field(None, description="sent to the four services when they require a key")
     data_dir: Path = REPO_ROOT / "data"
+    database_url: str | None = Field(
+        None,
+        description="postgresql://user:password@host:5432/db keeps conversations in PostgreSQL, shared by "
+        "main-app replicas; unset: SQLite in data_dir",
+    )
     web_dir: Path = REPO_ROOT / "web"
     system_prompt: str | None = Field(None, description="overrides the LLM service's voice prompt")
     voice: str | None = None

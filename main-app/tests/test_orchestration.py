@@ -19,7 +19,7 @@ from main_app.outbox import Outbox
 from main_app.reply import LLM_DOWN_REPLY, Reply, ReplyContext, ReplyState, is_echo
 from main_app.services import ServiceError
 from main_app.settings import AppSettings
-from main_app.store import Store
+from main_app.store import SqliteStore, Store
 from voice_common.protocol import (
     Event,
     Interim,
@@ -79,7 +79,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         data_dir=tmp_path, output_sample_rate=16000, playback_lead_ms=100, stt_final_timeout_s=1.0, max_streams=3
     )
     fakes = FakeServices()
-    store = Store(settings.db_path)
+    store = SqliteStore(settings.db_path)
     port = free_port()
     app = create_app(settings, AppContext(settings, store, fakes))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -591,7 +591,7 @@ def _reply(tmp_path: Path, speak: bool = True) -> Reply:
 
     settings = AppSettings(data_dir=tmp_path)
     ctx = ReplyContext(
-        FakeServices(), Store(settings.db_path), Outbox(record, record), settings, "c1", lambda _: None, changed
+        FakeServices(), SqliteStore(settings.db_path), Outbox(record, record), settings, "c1", lambda _: None, changed
     )
     return Reply(ctx, 1, "text", time.monotonic(), speak)
 
