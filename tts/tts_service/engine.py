@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import os
 import threading
@@ -57,13 +59,26 @@ class Scheduler:
     def __init__(self, limiter: Limiter, seconds: Histogram) -> None:
         self.limiter = limiter
         self.seconds = seconds
+        self.trimming: asyncio.Future[None] | None = None
 
     async def synthesize(
         self, engine: Synthesizer, text: str, voice: str, speed: float, priority: float
     ) -> list[np.ndarray]:
         async with self.limiter.slot(priority):
             with self.seconds.time():
-                return await asyncio.to_thread(engine.synthesize, text, voice, speed, self.limiter.alone)
+                audio = await asyncio.to_thread(engine.synthesize, text, voice, speed, self.limiter.alone)
+        if self.limiter.active == 0 and (self.trimming is None or self.trimming.done()):
+            # idle now: hand the freed heap back in the background (~20 ms, off every caller's path)
+            self.trimming = asyncio.get_running_loop().run_in_executor(None, release_heap)
+        return audio
+
+
+def release_heap() -> None:
+    """Give freed memory back to the OS. glibc keeps it otherwise, and every sentence has another length:
+    a soak saw piper's process swing by hundreds of MB (in a loop of syntheses, 505 -> 885 MB; trimmed when
+    idle, flat at ~240 MB)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _voice_info(config_path: Path) -> VoiceInfo:
