@@ -159,6 +159,9 @@ def has_key(settings: ServiceSettings, scope: Scope) -> bool:
         supplied = auth[7:].strip()
     if supplied is None and scope["type"] == "websocket":  # browsers cannot set WS headers
         supplied = (parse_qs(scope.get("query_string", b"").decode()).get("api_key") or [None])[0]
+        for offered in headers.get("sec-websocket-protocol", "").split(","):  # as OpenAI's Realtime in browsers
+            if offered.strip().startswith("openai-insecure-api-key."):
+                supplied = offered.strip().removeprefix("openai-insecure-api-key.")
     # bytes: compare_digest refuses str with non-ASCII characters (a 500 on a strange key)
     return supplied is not None and hmac.compare_digest(supplied.encode(), key.encode())
 
@@ -187,10 +190,12 @@ def create_service_app(
     info: Callable[[T | None], dict[str, Any]] = lambda _: {},
     health: Callable[[FastAPI], Awaitable[dict[str, Any]]] | None = None,
     stream: Callable[[WebSocket, T], StreamHandler[Any]] | None = None,
+    more_streams: dict[str, Callable[[WebSocket, T], StreamHandler[Any]]] | None = None,
     version: str = __version__,
 ) -> FastAPI:
     """Build a service app. `load` runs in a worker thread after start-up unless `engine` is given.
-    `stream` makes one handler per connection on `WS /ws`, admitted by a `StreamGate`."""
+    `stream` makes one handler per connection on `WS /ws`, `more_streams` on other paths, all admitted by
+    one `StreamGate` (one limit for all of them)."""
     slot: EngineSlot[T] = EngineSlot(engine)
     registry = CollectorRegistry()
 
@@ -263,13 +268,19 @@ def create_service_app(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    if stream is not None:
+    routes = {"/ws": stream} if stream is not None else {}
+    routes |= more_streams or {}
+    if routes:
         gate = StreamGate(name, lambda: slot.engine, lambda: slot.reason, settings.max_streams, registry)
-        handler = stream
 
-        @app.websocket("/ws")
-        async def ws(socket: WebSocket) -> None:
-            await gate.serve(socket, handler)
+        def route(handler: Callable[[WebSocket, T], StreamHandler[Any]]) -> Callable[[WebSocket], Awaitable[None]]:
+            async def ws(socket: WebSocket) -> None:
+                await gate.serve(socket, handler)
+
+            return ws
+
+        for path, handler in routes.items():
+            app.add_api_websocket_route(path, route(handler))
 
     return app
 

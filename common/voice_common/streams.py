@@ -56,6 +56,7 @@ class StreamHandler(Generic[E]):
 
     service: ClassVar[str]
     events: ClassVar[TypeAdapter[Any]]
+    subprotocol: ClassVar[str | None] = None  # accepted when the client offers it (browsers require that)
 
     def __init__(self, socket: WebSocket) -> None:
         self.socket = socket
@@ -98,6 +99,10 @@ class StreamHandler(Generic[E]):
             if suppressed:
                 event = event.model_copy(update={"message": f"{event.message} ({suppressed} more errors held back)"})
             logger.warning("%s error to the client: %s: %s", event.service or self.service, event.code, event.message)
+        return await self.deliver(event)
+
+    async def deliver(self, event: Event) -> bool:
+        """Put one event on the wire; a handler that speaks another protocol translates it here."""
         return await send_event(self.socket, event)
 
     async def send_audio(self, frame: bytes) -> bool:
@@ -146,7 +151,9 @@ class StreamGate(Generic[T]):
         self.gauge = Gauge("websocket_streams", "open WebSocket streams", registry=registry)
 
     async def serve(self, socket: WebSocket, handler: Callable[[WebSocket, T], StreamHandler[Any]]) -> None:
-        await socket.accept()
+        wanted = getattr(handler, "subprotocol", None)
+        offered = [p.strip() for p in socket.headers.get("sec-websocket-protocol", "").split(",")]
+        await socket.accept(subprotocol=wanted if wanted in offered else None)
         engine = self.engine()
         if engine is None:
             await self._refuse(socket, "not_ready", f"service not ready: {self.reason()}")

@@ -20,6 +20,7 @@ from voice_common.protocol import ChatMessage, TurnMetrics
 from voice_common.sse import event_stream
 
 from .owner import give_owner_cookie, owner_of
+from .realtime import RealtimeSession
 from .reply import LLM_DOWN_REPLY, Generations, llm_request
 from .services import ServiceError, Services, WsServices, check_health
 from .session import Session
@@ -100,6 +101,7 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
         },
         health=downstream_health,
         stream=Session,
+        more_streams={"/v1/realtime": RealtimeSession},  # OpenAI's Realtime API, the same pipeline
     )
     stage_seconds = Histogram(
         "voice_turn_stage_seconds",
