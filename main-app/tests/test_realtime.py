@@ -162,6 +162,14 @@ async def test_bad_events_get_api_shaped_errors(stack: Stack) -> None:
         await conn.response.create()  # nothing to answer yet
         error = await until(conn, "error", seen)
         assert error.error.code == "nothing_to_answer"
+        await conn.send({"type": "conversation.item.retrieve", "item_id": "x"})  # not supported: said so
+        error = await until(conn, "error", seen)
+        assert error.error.code == "bad_event" and "conversation.item.retrieve" in error.error.message
+        await conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})  # and it goes on
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello."}]}
+        await conn.conversation.item.create(item=item)  # type: ignore[arg-type]
+        await conn.response.create()
+        assert (await until(conn, "response.done", seen)).response.status == "completed"
 
 
 async def test_key_as_bearer_or_browser_subprotocol(start_service, tmp_path) -> None:
