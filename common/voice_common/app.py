@@ -106,7 +106,8 @@ class GateMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, rid: str, headers: dict[bytes, bytes]) -> None:
         limit = self.settings.max_body_bytes
-        too_big = error_body(413, "payload_too_large", f"request body over {self.settings.max_body_mb:g} MB")
+        over = _BodyTooLarge(self.settings.max_body_mb)
+        too_big = error_body(413, over.code, over.detail)
         length = headers.get(b"content-length")
         if length and length.isdigit() and int(length) > limit:
             await _json_response(413, too_big)(scope, receive, send)
@@ -121,7 +122,7 @@ class GateMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLarge(self.settings.max_body_mb)
+                    raise over
             return message
 
         async def send_with_id(message: Message) -> None:
@@ -237,10 +238,13 @@ def create_service_app(
     latency = Histogram("http_request_duration_seconds", "HTTP request latency", ["route"], registry=registry)
     app.add_middleware(GateMiddleware, settings=settings, requests=requests, latency=latency)
 
+    def ready() -> bool:
+        return slot.ready or load is None
+
     @app.get("/healthz", tags=["ops"])
     async def healthz(request: Request) -> JSONResponse:
         """Open to probes; the details (reasons, downstream URLs, pids) only with the key, when one is set."""
-        ok = slot.ready or load is None
+        ok = ready()
         body: dict[str, Any] = {"service": name, "status": "ok" if ok else "unavailable"}
         if has_key(settings, request.scope):
             if not ok:
@@ -257,7 +261,7 @@ def create_service_app(
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:
         """Ready to serve (model loaded): a readiness probe sends traffic only then."""
-        ok = slot.ready or load is None
+        ok = ready()
         return JSONResponse({"service": name, "status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     @app.get("/info", tags=["ops"])
