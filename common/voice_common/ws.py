@@ -29,10 +29,15 @@ async def receive_frame(ws: WebSocket) -> str | bytes | None:
 
 async def send_event(ws: WebSocket, event: Event) -> bool:
     """Send one event; False when the peer has gone (callers then stop)."""
+    return await send_text(ws, event.dump())
+
+
+async def send_text(ws: WebSocket, text: str) -> bool:
+    """Send one text frame; False when the peer has gone."""
     if ws.application_state != WebSocketState.CONNECTED:
         return False
     try:
-        await ws.send_text(event.dump())
+        await ws.send_text(text)
     except (WebSocketDisconnect, RuntimeError):
         return False
     return True

@@ -34,7 +34,7 @@ from voice_common.protocol import (
     Transcript,
     _adapter,
 )
-from websockets.exceptions import WebSocketException
+from voice_common.ws import send_text
 
 from .session import Session
 
@@ -214,11 +214,7 @@ class RealtimeSession(Session):
     # --- the session's events, in the Realtime dialect --------------------------------------------
 
     async def emit(self, kind: str, **fields: Any) -> bool:
-        try:
-            await self.socket.send_text(json.dumps({"type": kind, "event_id": new_id("event"), **fields}))
-        except (RuntimeError, WebSocketException, OSError):
-            return False
-        return True
+        return await send_text(self.socket, json.dumps({"type": kind, "event_id": new_id("event"), **fields}))
 
     async def deliver(self, event: Event) -> bool:
         if isinstance(event, SessionReady):

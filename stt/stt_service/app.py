@@ -186,7 +186,7 @@ def _str(value: Any) -> str | None:
 
 def check_temperature(value: str | None) -> float | None:
     """Whisper's sampling temperature, 0..1 as OpenAI's API has it; never inf or NaN."""
-    if value is None or value == "":
+    if not value:
         return None
     try:
         temp = float(value)
