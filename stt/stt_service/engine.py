@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from voice_common.errors import ApiError
+
+if TYPE_CHECKING:
+    from .settings import SttSettings
 
 RATE = 16000
 
@@ -104,13 +107,8 @@ class FasterWhisper:
         on_segment: Callable[[Seg], None] | None = None,
     ) -> Transcript:
         t0 = time.perf_counter()
+        check_task(self, task)
         if not self.multilingual:
-            if task == "translate":
-                raise ApiError(
-                    400,
-                    "translation_unsupported",
-                    f"{self.name} is English-only; translation needs a multilingual model, e.g. STT_MODEL=whisper-base",
-                )
             language = "en"
         segments, info = self.model.transcribe(
             audio,
@@ -149,6 +147,33 @@ class FasterWhisper:
             segments=segs,
             processing_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
+
+
+def check_task(engine: Transcriber, task: str) -> None:
+    if task == "translate" and not engine.multilingual:
+        raise ApiError(
+            400,
+            "translation_unsupported",
+            f"{engine.name} is English-only; translation needs a multilingual model, e.g. STT_MODEL=whisper-base",
+        )
+
+
+def load_transcriber(settings: SttSettings) -> Transcriber:
+    """The engine the model folder holds: Moonshine's ONNX files or a CTranslate2 Whisper."""
+    path = settings.resolved_model_path
+    if (path / "encoder.onnx").exists():
+        from .moonshine import Moonshine
+
+        return Moonshine(path, settings.threads)
+    return FasterWhisper(
+        path,
+        settings.device,
+        settings.compute_type,
+        settings.threads,
+        settings.beam_size,
+        settings.vad_filter,
+        settings.max_concurrent,
+    )
 
 
 def check_language(language: str | None, engine: Transcriber) -> str | None:

@@ -12,9 +12,13 @@ class SttSettings(ServiceSettings):
 
     port: int = 3002
     model: str = Field(
-        "whisper-tiny.en", description="a folder name under <models_dir>/stt (whisper-tiny.en, whisper-base)"
+        "moonshine-base",
+        description="a folder name under <models_dir>/stt: moonshine-base (English, fastest), whisper-tiny.en, "
+        "whisper-base (multilingual, translation, word timestamps)",
     )
-    model_path: Path | None = Field(None, description="any local CTranslate2 Whisper folder; overrides `model`")
+    model_path: Path | None = Field(
+        None, description="any local CTranslate2 Whisper folder (or Moonshine ONNX folder); overrides `model`"
+    )
     device: str = "cpu"
     compute_type: str = "int8"
     threads: int = 2
