@@ -10,14 +10,17 @@ import time
 
 import numpy as np
 from _bench import REPO_ROOT, median, say, services
-from stt_service.engine import FasterWhisper
+from stt_service.engine import load_transcriber
+from stt_service.settings import SttSettings
 from voice_common.audio import float32_to_pcm16, load_mono
 
 from tests.helpers import corpus_wer, librivox_clips, silence
 
+MODELS = ("moonshine-base", "whisper-tiny.en", "whisper-base")
+
 
 def rtf(model: str) -> tuple[float, float, float]:
-    engine = FasterWhisper(REPO_ROOT / "models" / "stt" / model, "cpu", "int8", 2, 1, False, 1)
+    engine = load_transcriber(SttSettings(model=model, models_dir=REPO_ROOT / "models"))
     clips = librivox_clips()
     audio = [load_mono(c.data, 16000)[0] for c in clips]
     engine.transcribe(audio[1], language="en")  # warm up
@@ -74,20 +77,26 @@ def utterance(seconds: float) -> bytes:
 
 
 def main() -> None:
-    say("STT benchmark (faster-whisper 1.2.1, int8, 2 threads, beam 1)")
-    for model in ("whisper-tiny.en", "whisper-base"):
+    say("STT benchmark (Moonshine on onnxruntime; faster-whisper 1.2.1, int8, beam 1; 2 threads)")
+    for model in MODELS:
         factor, duration, error = rtf(model)
         say(f"  {model:16s} RTF {factor:.3f} ({duration:.1f} s of LibriVox speech, WER {error:.1%})")
-    with services("stt") as procs:
+    for model in MODELS[:2]:
+        stream_numbers(model)
+
+
+def stream_numbers(model: str) -> None:
+    with services("stt", STT_MODEL=model) as procs:
         url = procs["stt"].url
+        say(f"  {model}:")
         for seconds in (2, 5, 10):
             runs = [asyncio.run(stop_to_final(url, utterance(seconds)))[0] for _ in range(3)]
             say(
-                f"  WebSocket stop -> final, {seconds:2d} s utterance: median {median(runs):.0f} ms "
+                f"    WebSocket stop -> final, {seconds:2d} s utterance: median {median(runs):.0f} ms "
                 f"(runs: {', '.join(f'{r:.0f}' for r in runs)})"
             )
         streamed, rest = streamed_vs_rest(url)
-        say(f"  WER of the five clips: streamed in real time {streamed:.1%}, REST on the same audio {rest:.1%}")
+        say(f"    WER of the five clips: streamed in real time {streamed:.1%}, REST on the same audio {rest:.1%}")
 
 
 if __name__ == "__main__":

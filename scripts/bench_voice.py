@@ -27,6 +27,7 @@ from voice_common.audio import float32_to_pcm16, load_mono
 
 from tests.helpers import Clip, librivox_clips, silence, with_pause
 
+TIMELINE = False  # --per-turn: print what the client saw in each turn
 STAGES = ("stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_sent_ms", "turn_inference_ms")
 
 
@@ -60,6 +61,13 @@ async def one_turn(client: VoiceClient, clip: Clip, pause_ms: int = 0) -> dict[s
     if first_audio is None:
         return None
     row = {"v2v_ms": (first_audio - end_of_speech) * 1000, "cut": float(cut), "t": end_of_speech}
+    if TIMELINE:  # what the client saw around the end of speech, ms after it
+        seen = [
+            f"{r.event['type']}{'(final)' if r.event.get('final') else ''} {(r.t - end_of_speech) * 1000:.0f}"
+            for r in client.events
+            if end_of_speech - 0.3 <= r.t <= first_audio and r.event["type"] not in ("reply_delta",)
+        ]
+        say("        " + "; ".join(seen) + f"; first audio {(first_audio - end_of_speech) * 1000:.0f}")
     row["speculative"] = float(bool(metrics.event.get("speculative")))
     row.update({k: metrics.event[k] for k in STAGES if metrics.event.get(k) is not None})
     return row
@@ -135,7 +143,10 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--pause-ms", type=int, default=0, help="insert a pause mid-sentence (cut-off test)")
     parser.add_argument("--stagger-s", type=float, default=1.5, help="seconds between the sessions' starts")
+    parser.add_argument("--per-turn", action="store_true", help="print every turn's row, not only the medians")
     args = parser.parse_args()
+    global TIMELINE
+    TIMELINE = args.per_turn
     say("Voice-to-voice benchmark (all five services, embedded models, this machine)")
     with services("vad", "stt", "tts", "llm") as procs:
         env = {f"APP_{k.upper()}_URL": p.url for k, p in procs.items()}
@@ -160,6 +171,9 @@ def main() -> None:
                     return {k: v - before.get(k, 0) for k, v in after.items()}
 
                 report(n, args.turns, rows, asyncio.run(run()), errors)
+                if args.per_turn:
+                    for r in sorted(rows, key=lambda r: r["t"]):
+                        say("      " + ", ".join(f"{k.removesuffix('_ms')} {v:.0f}" for k, v in r.items() if k != "t"))
 
 
 if __name__ == "__main__":

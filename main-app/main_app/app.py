@@ -41,6 +41,7 @@ class AppContext:
     services: Services
     stage_seconds: Histogram | None = None
     speculations: Counter | None = None
+    prefills: Counter | None = None
     http: httpx.AsyncClient = field(default_factory=httpx.AsyncClient)
     generations: Generations = field(default_factory=Generations)
 
@@ -50,6 +51,10 @@ class AppContext:
             self.speculations.labels(result).inc()
             if wasted_tokens:
                 self.speculations.labels("wasted_tokens").inc(wasted_tokens)
+
+    def prefilled(self) -> None:
+        if self.prefills is not None:
+            self.prefills.inc()
 
     async def conversation(self, cid: str | None, owner: str) -> str:
         """The owner's conversation to continue (404 when unknown or someone else's), or a new one."""
@@ -91,7 +96,9 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
     app = create_service_app(
         name="main-app",
         settings=settings,
-        load=lambda: AppContext(settings, open_store(settings), WsServices(settings), stage_seconds, speculations),
+        load=lambda: AppContext(
+            settings, open_store(settings), WsServices(settings), stage_seconds, speculations, prefills
+        ),
         engine=engine,
         info=lambda _: {
             "model": None,
@@ -115,6 +122,9 @@ def create_app(settings: AppSettings | None = None, engine: AppContext | None = 
         "replies started on the eager transcript, by outcome (and the tokens of those thrown away)",
         ["result"],
         registry=app.state.registry,
+    )
+    prefills = Counter(
+        "voice_prefills", "the user's words read into the LLM's cache while they spoke", registry=app.state.registry
     )
 
     def ctx() -> AppContext:

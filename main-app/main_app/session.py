@@ -10,6 +10,8 @@ ends with it. Nothing of a session lives on the app.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -34,7 +36,8 @@ from voice_common.streams import StreamHandler
 
 from .outbox import Outbox
 from .owner import owner_of
-from .reply import Reply, ReplyContext, ReplyState
+from .reply import Reply, ReplyContext, ReplyState, llm_request
+from .services import ServiceError
 from .speech import SpeechInput
 
 if TYPE_CHECKING:
@@ -68,6 +71,7 @@ class Session(StreamHandler[BrowserEvent]):
         self.eager: str | None = None  # the STT's eager transcript of the utterance in progress
         self.paused = False  # the VAD's turn model heard the user pause since
         self.previous: Reply | None = None  # the one before: its playback report may still come
+        self.prefilling: asyncio.Task[None] | None = None  # the user's words going into the LLM's cache
 
     # --- browser events ---------------------------------------------------------------------------
 
@@ -148,6 +152,35 @@ class Session(StreamHandler[BrowserEvent]):
         elif self.eager is not None and words(text) != words(self.eager):
             self.eager, self.paused = None, False  # the user went on after the pause
         await self.maybe_speculate()
+        if not eager:  # the eager transcript is the speculation's: at the end of speech the cores go to it
+            self.maybe_prefill(text)
+
+    def maybe_prefill(self, text: str) -> None:
+        """Prefill policy: while the user speaks, have the LLM read the conversation and their words so
+        far into this conversation's cache (a one-token generation, thrown away), so the reply evaluates
+        only what changed since. On our 2 cores every prompt token costs ~17 ms: a 20-word question is
+        ~400 ms before the first token, a history the cache lost far more. One at a time, only while the
+        LLM has no reply to generate, never while a reply or a speculation runs."""
+        if not (self.settings.prefill and words(text)) or self.speculation is not None:
+            return
+        if self.prefilling is not None and not self.prefilling.done():
+            return  # the next interim brings the words this one is missing
+        if self.reply is not None and self.reply.active:
+            return
+        if self.ctx.generations.running > self.settings.speculate_max_busy:
+            return
+        self.prefilling = self.spawn(self.prefill(text))
+
+    async def prefill(self, text: str) -> None:
+        assert self.conversation_id is not None
+        history = await self.ctx.store.messages(self.conversation_id)
+        messages = [ChatMessage(role=m["role"], content=m["content"]) for m in history]
+        messages.append(ChatMessage(role="user", content=text.strip()))
+        request = llm_request(self.settings, messages, self.conversation_id, speculative=True)
+        with contextlib.suppress(ServiceError):  # only a head start: the reply will say what went wrong
+            async for _ in self.ctx.services.llm(request.model_copy(update={"max_tokens": 1})):
+                pass
+        self.ctx.prefilled()
 
     async def user_paused(self, complete: bool) -> None:
         self.paused = True

@@ -33,6 +33,7 @@ class AppSettings(ServiceSettings):
     turn_detection: bool = Field(True, description="semantic end of turn (the VAD's turn model)")
     turn_silence_ms: int = Field(200, description="silence that ends a turn the turn model calls complete")
     speculate: bool = Field(True, description="start the reply on the eager transcript, before the turn ends")
+    prefill: bool = Field(True, description="read the user's words into the LLM's prompt cache while they speak")
     speculate_max_busy: int = Field(
         0, description="speculate only while at most this many replies are being generated (raise for a parallel LLM)"
     )

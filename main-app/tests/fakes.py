@@ -202,7 +202,7 @@ class FakeServices:
         try:
             if self.llm_error is not None:
                 raise self.llm_error
-            words = self.reply.split(" ")
+            words = self.reply.split(" ")[: request.max_tokens]  # a word is a token here
             await asyncio.sleep(self.first_token_delay_s)
             for i, word in enumerate(words):
                 await asyncio.sleep(self.token_delay_s)

@@ -576,6 +576,50 @@ async def test_a_speculation_is_dropped_when_the_user_goes_on(harness: Harness) 
     assert not client.of_type("reply_delta") and not client.audio
 
 
+async def test_the_users_words_are_read_into_the_llm_cache_while_they_speak(harness: Harness) -> None:
+    harness.fakes.first_token_delay_s = 0.2
+    client = await harness.client()
+    try:
+        harness.fakes.vad_stream.push(SpeechStarted(t_ms=0))
+        stt = harness.fakes.stts[-1]
+        await until(lambda: stt.of(SttStart), what="utterance start")
+        stt.push(Interim(utterance=1, text="what is the", audio_ms=600))
+        await until(lambda: harness.fakes.llm_requests, what="the prefill")
+        stt.push(Interim(utterance=1, text="what is the weather", audio_ms=900))  # one at a time: skipped
+        await until(lambda: harness.fakes.llm_finished == 1, what="the prefill done")
+        stt.push(Interim(utterance=1, text="what is the weather like", audio_ms=1200, eager=True))  # not eager ones
+        await asyncio.sleep(0.1)
+        assert len(harness.fakes.llm_requests) == 1
+        await harness.say(client, "What is the weather like?")
+        done = await client.wait_for("reply_done", 5)
+    finally:
+        await client.close()
+    prefill, reply = harness.fakes.llm_requests
+    assert prefill.max_tokens == 1 and prefill.messages[-1].content == "what is the"
+    assert prefill.prompt_cache_key == reply.prompt_cache_key == client.conversation_id  # the same cache
+    assert prefill.priority > reply.priority  # behind any reply someone waits for
+    assert reply.messages[-1].content == "What is the weather like?" and reply.max_tokens > 1
+    assert "".join(e["text"] for e in client.of_type("reply_delta")) == done.event["text"] == harness.fakes.reply
+
+
+async def test_no_prefill_while_the_llm_is_busy_with_another_session(harness: Harness) -> None:
+    harness.fakes.token_delay_s = 0.2
+    other = await harness.client()
+    client = await harness.client()
+    try:
+        await other.send({"type": "text", "text": "A long story, please."})
+        await other.wait_for("reply_delta", 3)
+        harness.fakes.vad_stream.push(SpeechStarted(t_ms=0))
+        stt = harness.fakes.stts[-1]
+        await until(lambda: stt.of(SttStart), what="utterance start")
+        stt.push(Interim(utterance=1, text="what time is it", audio_ms=800))
+        await asyncio.sleep(0.3)
+    finally:
+        await client.close()
+        await other.close()
+    assert [r.messages[-1].content for r in harness.fakes.llm_requests] == ["A long story, please."]
+
+
 # --- the Reply on its own -------------------------------------------------------------------------
 
 
