@@ -93,7 +93,8 @@ class ReplyContext:
 
 def llm_request(settings: AppSettings, history: list[ChatMessage], conversation: str, speculative: bool) -> LlmRequest:
     return LlmRequest(
-        messages=trim_history(history, settings.history_tokens),
+        # an interrupted reply nobody heard is stored empty: the LLM refuses empty messages
+        messages=trim_history([m for m in history if m.content.strip()], settings.history_tokens),
         max_tokens=settings.max_reply_tokens,
         temperature=settings.temperature,
         system_prompt=settings.system_prompt,
