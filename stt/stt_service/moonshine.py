@@ -14,7 +14,6 @@ also keeps any one decode short and never feeds the model pure silence (where it
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -120,8 +119,6 @@ class Moonshine:
         self.step_outputs = [o.name for o in self.step.get_outputs()]
         self.first_outputs = [o.name for o in self.first.get_outputs()]
         self.tokens = load_tokens(path / "tokenizer.bin")
-        self.threads = threads
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     def decode_chunk(self, audio: np.ndarray) -> tuple[str, list[int], float]:
         """Greedy decode of one stretch of speech: text, tokens, mean log-probability."""
