@@ -1,6 +1,11 @@
 """Voice-to-voice through OpenAI's Realtime API (`WS /v1/realtime`, the official `openai` client) against
-the browser socket (`WS /ws`), on the same stack and the same recorded questions, turns alternating so
-both see the same machine: end of the user's speech -> first reply audio at the client.
+the browser socket (`WS /ws`): end of the user's speech -> first reply audio at the client.
+
+A paired comparison, so that what differs is the socket and nothing else: each question is asked twice,
+once on each socket, each time in a new conversation (the same prompt), with the LLM's temperature at 0
+(the same reply, so the same text to synthesise), the order alternating from pair to pair (so neither
+side is always the one that finds the machine warm). It reports each socket's median and p95 and the
+median of the per-pair differences with a bootstrap 95 % interval.
 
     python scripts/bench_realtime.py [--turns 5] [--rounds 2]
 """
@@ -25,9 +30,9 @@ from tests.helpers import Clip, librivox_clips, silence
 FRAME = 480 * 2  # 20 ms of PCM16 at 24 kHz
 
 
-async def realtime_turn(conn: Any, clip: Clip) -> float:
+async def realtime_turn(conn: Any, clip: Clip) -> tuple[float, str]:
     """Stream one question in real time as base64 PCM16 at 24 kHz; ms from the end of its speech to the
-    first audio delta of the response."""
+    first audio delta of the response, and the response's transcript."""
     lead = 400
     speech16, _ = load_mono(clip.data, 16000)
     speech24, _ = load_mono(clip.data, 24000)
@@ -42,50 +47,87 @@ async def realtime_turn(conn: Any, clip: Clip) -> float:
 
     sender = asyncio.create_task(send())
     first: float | None = None
+    transcript = ""
     async with asyncio.timeout(120):
         async for event in conn:
             if event.type == "response.output_audio.delta" and first is None and time.monotonic() > end_of_speech:
                 first = time.monotonic()
+            elif event.type == "response.output_audio_transcript.done" and first is not None:
+                transcript = event.transcript
             elif event.type == "response.done" and first is not None:
                 break
     await sender
     assert first is not None
-    return (first - end_of_speech) * 1000
+    return (first - end_of_speech) * 1000, transcript
 
 
-async def run(app_url: str, turns: int, rounds: int) -> dict[str, list[float]]:
-    clips = librivox_clips()
-    results: dict[str, list[float]] = {"browser socket (/ws)": [], "Realtime API (/v1/realtime)": []}
-    browser = VoiceClient(app_url.replace("http", "ws") + "/ws")
-    await browser.connect()
+async def browser_turn(ws_url: str, clip: Clip) -> tuple[float, str] | None:
+    client = VoiceClient(ws_url)
+    await client.connect()
+    try:
+        row = await one_turn(client, clip)
+        done = client.of_type("reply_done")
+        return None if row is None else (row["v2v_ms"], done[-1]["text"] if done else "")
+    finally:
+        await client.close()
+
+
+async def api_turn(app_url: str, clip: Clip) -> tuple[float, str]:
     client = AsyncOpenAI(base_url=f"{app_url}/v1", api_key="unused")
     async with client.realtime.connect(model="voicechat") as conn:
-        for r in range(rounds):
-            for i in range(turns):
-                clip = clips[i % len(clips)]
-                row = await one_turn(browser, clip)
-                if row is not None:
-                    results["browser socket (/ws)"].append(row["v2v_ms"])
-                await asyncio.sleep(1.0)
-                results["Realtime API (/v1/realtime)"].append(await realtime_turn(conn, clip))
-                await asyncio.sleep(1.0)
-                say(f"  round {r + 1}, question {i + 1}: done")
-    await browser.close()
-    return results
+        return await realtime_turn(conn, clip)
+
+
+async def run(app_url: str, turns: int, rounds: int) -> list[tuple[float, float, bool]]:
+    """(browser ms, Realtime ms, same reply) per pair."""
+    clips = librivox_clips()
+    ws_url = app_url.replace("http", "ws") + "/ws"
+    pairs: list[tuple[float, float, bool]] = []
+    for k in range(rounds * turns):
+        clip = clips[k % turns % len(clips)]
+        browser_first = k % 2 == 0
+        results: dict[str, tuple[float, str] | None] = {}
+        for side in ("browser", "api") if browser_first else ("api", "browser"):
+            results[side] = await (browser_turn(ws_url, clip) if side == "browser" else api_turn(app_url, clip))
+            await asyncio.sleep(1.0)
+        b, a = results["browser"], results["api"]
+        if b is None or a is None:
+            say(f"  pair {k + 1}: a reply had no audio, skipped")
+            continue
+        pairs.append((b[0], a[0], b[1].strip() == a[1].strip()))
+        say(f"  pair {k + 1} ({'browser' if browser_first else 'Realtime'} first): /ws {b[0]:.0f} ms, "
+            f"/v1/realtime {a[0]:.0f} ms, same reply: {b[1].strip() == a[1].strip()}")  # fmt: skip
+    return pairs
+
+
+def bootstrap_median(values: np.ndarray, n: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the median by resampling the pairs."""
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(values, size=(n, len(values)), replace=True), axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--turns", type=int, default=5, help="distinct questions per round")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    say("Realtime API against the browser socket (all five services, one session each, turns alternating)")
+    say("Realtime API against the browser socket (all five services; each question on both, new conversations)")
     with services("vad", "stt", "tts", "llm") as procs:
         env = {f"APP_{k.upper()}_URL": p.url for k, p in procs.items()}
-        with services("main-app", APP_DATA_DIR="data/bench", **env) as app:
-            results = asyncio.run(run(app["main-app"].url, args.turns, args.rounds))
-    for name, values in results.items():
+        with services("main-app", APP_DATA_DIR="data/bench", APP_TEMPERATURE="0", **env) as app:
+            pairs = asyncio.run(run(app["main-app"].url, args.turns, args.rounds))
+    browser, api = [p[0] for p in pairs], [p[1] for p in pairs]
+    diff = np.array([p[1] - p[0] for p in pairs])
+    same = [p for p in pairs if p[2]]
+    for name, values in (("browser socket (/ws)", browser), ("Realtime API (/v1/realtime)", api)):
         say(f"  {name:28s} {len(values)} turns: median {median(values):.0f} ms, p95 {pct(values, 0.95):.0f} ms")
+    lo, hi = bootstrap_median(diff)
+    say(f"  Realtime - browser, per pair: median {np.median(diff):+.0f} ms (95 % interval {lo:+.0f} .. {hi:+.0f}), "
+        f"mean {diff.mean():+.0f} ms; {len(same)} of {len(pairs)} pairs gave the same reply")  # fmt: skip
+    if same and len(same) < len(pairs):
+        d_same = np.array([p[1] - p[0] for p in same])
+        say(f"  pairs with the same reply only: median difference {np.median(d_same):+.0f} ms")
 
 
 if __name__ == "__main__":
