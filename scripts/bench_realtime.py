@@ -13,9 +13,13 @@ median of the per-pair differences with a bootstrap 95 % interval.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import base64
+import json
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,6 +111,25 @@ def bootstrap_median(values: np.ndarray, n: int = 10000, seed: int = 0) -> tuple
     return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
+def server_stages(log: Path, offset: int) -> dict[str, list[dict[str, float]]]:
+    """main-app's per-turn stage times (its log), by socket: where on the server the difference arises."""
+    path_of: dict[str, str] = {}
+    stages: dict[str, list[dict[str, float]]] = {"/ws": [], "/v1/realtime": []}
+    with log.open("rb") as f:
+        f.seek(offset)
+        for line in f.read().decode(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            rid, msg = rec.get("request_id"), rec.get("msg", "")
+            if m := re.search(r'"WebSocket (/ws|/v1/realtime)\S*" \[accepted\]', msg):
+                path_of[rid] = m.group(1)
+            elif (m := re.match(r"turn \d+ \(voice.*\) ms after the turn: (\{.*\})$", msg)) and rid in path_of:
+                stages[path_of[rid]].append(ast.literal_eval(m.group(1)))
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=5, help="distinct questions per round")
@@ -116,7 +139,11 @@ def main() -> None:
     with services("vad", "stt", "tts", "llm") as procs:
         env = {f"APP_{k.upper()}_URL": p.url for k, p in procs.items()}
         with services("main-app", APP_DATA_DIR="data/bench", APP_TEMPERATURE="0", **env) as app:
+            log = app["main-app"].log_path
+            assert log is not None
+            offset = log.stat().st_size
             pairs = asyncio.run(run(app["main-app"].url, args.turns, args.rounds))
+            stages = server_stages(log, offset)
     browser, api = [p[0] for p in pairs], [p[1] for p in pairs]
     diff = np.array([p[1] - p[0] for p in pairs])
     same = [p for p in pairs if p[2]]
@@ -128,6 +155,13 @@ def main() -> None:
     if same and len(same) < len(pairs):
         d_same = np.array([p[1] - p[0] for p in same])
         say(f"  pairs with the same reply only: median difference {np.median(d_same):+.0f} ms")
+
+    parts = []
+    for stage in ("stt_final", "llm_first_token", "tts_first_audio", "first_audio_sent"):
+        b = median([r[stage] for r in stages["/ws"] if stage in r])
+        a = median([r[stage] for r in stages["/v1/realtime"] if stage in r])
+        parts.append(f"{stage} {b:.0f} / {a:.0f}")
+    say(f"  on main-app (median ms after the end of the turn, /ws / /v1/realtime): {', '.join(parts)}")
 
 
 if __name__ == "__main__":

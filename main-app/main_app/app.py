@@ -65,6 +65,9 @@ class AppContext:
         return await self.store.create(owner)
 
     def observe(self, metrics: TurnMetrics) -> None:
+        stages = {k.removesuffix("_ms"): getattr(metrics, k) for k in STAGES if getattr(metrics, k) is not None}
+        logger.info("turn %s (%s%s) ms after the turn: %s", metrics.turn, metrics.source,
+                    ", speculative" if metrics.speculative else "", stages)  # fmt: skip
         if self.stage_seconds is None:
             return
         for stage in STAGES:
