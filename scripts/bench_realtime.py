@@ -112,7 +112,8 @@ def bootstrap_median(values: np.ndarray, n: int = 10000, seed: int = 0) -> tuple
 
 
 def server_stages(log: Path, offset: int) -> dict[str, list[dict[str, float]]]:
-    """main-app's per-turn stage times (its log), by socket: where on the server the difference arises."""
+    """main-app's per-turn stage times (its log), by socket and in order: where on the server the difference
+    arises. `complete`: the turn model's verdict (1 or 0), when it gave one."""
     path_of: dict[str, str] = {}
     stages: dict[str, list[dict[str, float]]] = {"/ws": [], "/v1/realtime": []}
     with log.open("rb") as f:
@@ -125,8 +126,11 @@ def server_stages(log: Path, offset: int) -> dict[str, list[dict[str, float]]]:
             rid, msg = rec.get("request_id"), rec.get("msg", "")
             if m := re.search(r'"WebSocket (/ws|/v1/realtime)\S*" \[accepted\]', msg):
                 path_of[rid] = m.group(1)
-            elif (m := re.match(r"turn \d+ \(voice.*\) ms after the turn: (\{.*\})$", msg)) and rid in path_of:
-                stages[path_of[rid]].append(ast.literal_eval(m.group(1)))
+            elif (m := re.match(r"turn \d+ \(voice[^)]*\) ms after the turn: (\{.*\})$", msg)) and rid in path_of:
+                row = ast.literal_eval(m.group(1))
+                if p := re.search(r"turn model p=([\d.]+)", msg):
+                    row["complete"] = float(float(p.group(1)) >= 0.5)
+                stages[path_of[rid]].append(row)
     return stages
 
 
@@ -156,6 +160,18 @@ def main() -> None:
         d_same = np.array([p[1] - p[0] for p in same])
         say(f"  pairs with the same reply only: median difference {np.median(d_same):+.0f} ms")
 
+    # the turn model is unsure on some clips: the same words, resampled from 24 kHz, may fall on the other
+    # side of its threshold and wait the long pause (or not) on one socket only; that is not the socket's
+    if len(stages["/ws"]) == len(stages["/v1/realtime"]) == len(pairs):
+        agree = [
+            p[1] - p[0]
+            for p, b, a in zip(pairs, stages["/ws"], stages["/v1/realtime"], strict=True)
+            if b.get("complete") == a.get("complete")
+        ]
+        if agree:
+            say(f"  pairs where the turn model gave both the same verdict: {len(agree)} of {len(pairs)}, "
+                f"median difference {np.median(agree):+.0f} ms (95 % interval "
+                "{:+.0f} .. {:+.0f})".format(*bootstrap_median(np.array(agree))))  # fmt: skip
     parts = []
     for stage in ("stt_final", "llm_first_token", "tts_first_audio", "first_audio_sent"):
         b = median([r[stage] for r in stages["/ws"] if stage in r])

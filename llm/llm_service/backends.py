@@ -276,12 +276,25 @@ class OpenAIBackend:
     name = "openai"
     serves_one_model = False
 
-    def __init__(self, base_url: str, api_key: str, model: str, connect_timeout: float) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, model: str, connect_timeout: float, keepalive_s: float | None = None
+    ) -> None:
         import openai
+        from openai._constants import DEFAULT_CONNECTION_LIMITS
 
         self.base_url = base_url
         self.model = model
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300.0)
+        http = None
+        if keepalive_s is not None:  # the client's own httpx (its Limits type, not the httpx we import)
+            limits = type(DEFAULT_CONNECTION_LIMITS)(
+                max_connections=DEFAULT_CONNECTION_LIMITS.max_connections,
+                max_keepalive_connections=DEFAULT_CONNECTION_LIMITS.max_keepalive_connections,
+                keepalive_expiry=keepalive_s,
+            )
+            http = openai.DefaultAsyncHttpxClient(limits=limits)
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=300.0, http_client=http
+        )
 
     async def models(self) -> list[str]:
         try:
@@ -352,7 +365,9 @@ class LlamaServerBackend(OpenAIBackend):
 
     def __init__(self, server: LlamaServer, model: str, warmup_system_prompt: str | None = None) -> None:
         server.start()
-        super().__init__(f"{server.url}/v1", "unused", model, connect_timeout=2.0)
+        # llama-server (cpp-httplib) closes a connection idle for 5 s, httpx reuses one for up to 5 s: a request
+        # at that moment went out on a closed connection ("Connection error", once in a 4-session run)
+        super().__init__(f"{server.url}/v1", "unused", model, connect_timeout=2.0, keepalive_s=2.0)
         self.server = server
         self.slots = SlotAffinity(server.parallel)
         if warmup_system_prompt:  # the system prompt is in every slot's cache before the first user speaks

@@ -66,8 +66,9 @@ class AppContext:
 
     def observe(self, metrics: TurnMetrics) -> None:
         stages = {k.removesuffix("_ms"): getattr(metrics, k) for k in STAGES if getattr(metrics, k) is not None}
-        logger.info("turn %s (%s%s) ms after the turn: %s", metrics.turn, metrics.source,
-                    ", speculative" if metrics.speculative else "", stages)  # fmt: skip
+        verdict = "" if metrics.turn_probability is None else f", turn model p={metrics.turn_probability:.2f}"
+        logger.info("turn %s (%s%s%s) ms after the turn: %s", metrics.turn, metrics.source,
+                    ", speculative" if metrics.speculative else "", verdict, stages)  # fmt: skip
         if self.stage_seconds is None:
             return
         for stage in STAGES:

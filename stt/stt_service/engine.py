@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
     from .settings import SttSettings
 
 RATE = 16000
+
+
+class Superseded(Exception):
+    """The caller set the decode's `stop` event: a newer decode of the same audio made it pointless."""
 
 
 @dataclass
@@ -63,10 +68,12 @@ class Transcriber(Protocol):
         timestamps: bool = True,
         task: str = "transcribe",
         on_segment: Callable[[Seg], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> Transcript:
         """`timestamps=False` skips Whisper's timestamp tokens (~15% faster); segments then span the audio.
         `task="translate"`: English text from speech in any language (multilingual models). `on_segment`
-        is called with each segment as it is decoded (in this thread), for streamed transcripts."""
+        is called with each segment as it is decoded (in this thread), for streamed transcripts. When
+        `stop` is set the decode gives up early (raising `Superseded`), so its cores go to the newer one."""
         ...
 
 
@@ -105,9 +112,11 @@ class FasterWhisper:
         timestamps: bool = True,
         task: str = "transcribe",
         on_segment: Callable[[Seg], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> Transcript:
         t0 = time.perf_counter()
         check_task(self, task)
+        check_stop(stop)
         if not self.multilingual:
             language = "en"
         segments, info = self.model.transcribe(
@@ -125,6 +134,7 @@ class FasterWhisper:
         # The generator is lazy: consuming it here keeps the decoding in this worker thread.
         segs = []
         for s in segments:
+            check_stop(stop)
             seg = Seg(
                 s.start,
                 s.end,
@@ -147,6 +157,11 @@ class FasterWhisper:
             segments=segs,
             processing_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
+
+
+def check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Superseded
 
 
 def check_task(engine: Transcriber, task: str) -> None:

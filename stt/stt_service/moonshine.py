@@ -14,6 +14,7 @@ also keeps any one decode short and never feeds the model pure silence (where it
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from voice_common.errors import ApiError
 
-from .engine import RATE, Seg, Transcript, check_task
+from .engine import RATE, Seg, Transcript, check_stop, check_task
 
 FRAME = 320  # 20 ms
 SILENT_RMS = 0.01  # -40 dBFS: a pause
@@ -120,8 +121,9 @@ class Moonshine:
         self.first_outputs = [o.name for o in self.first.get_outputs()]
         self.tokens = load_tokens(path / "tokenizer.bin")
 
-    def decode_chunk(self, audio: np.ndarray) -> tuple[str, list[int], float]:
+    def decode_chunk(self, audio: np.ndarray, stop: threading.Event | None = None) -> tuple[str, list[int], float]:
         """Greedy decode of one stretch of speech: text, tokens, mean log-probability."""
+        check_stop(stop)
         hidden = self.encoder.run(None, {"input_values": audio[None, :].astype(np.float32, copy=False)})[0]
         out = self.first.run(None, {"input_ids": np.array([[BOS]], np.int64), "encoder_hidden_states": hidden})
         feeds: dict[str, np.ndarray] = {
@@ -137,6 +139,7 @@ class Moonshine:
             logprob += top - (top + float(np.log(np.exp(logits - top).sum())))
             if token == EOS:
                 break
+            check_stop(stop)
             tokens.append(token)
             feeds["input_ids"] = np.array([[token]], np.int64)
             out = self.step.run(None, feeds)
@@ -156,6 +159,7 @@ class Moonshine:
         timestamps: bool = True,
         task: str = "transcribe",
         on_segment: Callable[[Seg], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> Transcript:
         """`prompt` and `temperature` are accepted and not used (Moonshine decodes greedily, unprompted)."""
         t0 = time.perf_counter()
@@ -169,7 +173,7 @@ class Moonshine:
             )
         segs = []
         for a, b in speech_chunks(audio, split=timestamps or len(audio) > MAX_CHUNK_S * RATE):
-            text, tokens, logprob = self.decode_chunk(audio[a:b])
+            text, tokens, logprob = self.decode_chunk(audio[a:b], stop)
             seg = Seg(a / RATE, b / RATE, text, avg_logprob=round(logprob, 4), tokens=tokens)
             segs.append(seg)
             if on_segment is not None:

@@ -96,3 +96,19 @@ def test_real_model_segments_at_pauses_and_skips_silence(moonshine) -> None:
     with pytest.raises(ApiError) as err:
         moonshine.transcribe(a, task="translate")
     assert err.value.code == "translation_unsupported"
+
+
+def test_real_model_gives_up_when_superseded(moonshine) -> None:
+    """A decode whose `stop` is set ends early with `Superseded` instead of finishing a stale transcript."""
+    import threading
+
+    from stt_service.engine import Superseded
+    from voice_common.audio import pcm16_to_float32
+
+    audio = pcm16_to_float32(librivox_clips()[0].pcm16())  # 7 s: far more than 50 ms of decoding
+    stop = threading.Event()
+    threading.Timer(0.05, stop.set).start()
+    with pytest.raises(Superseded):
+        moonshine.transcribe(audio, timestamps=False, stop=stop)
+    with pytest.raises(Superseded):
+        moonshine.transcribe(audio, stop=stop)  # already set: nothing is decoded

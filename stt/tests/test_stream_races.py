@@ -4,7 +4,9 @@ decode finishes first is set by the test) over a real socket. No model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -13,7 +15,7 @@ import pytest
 import uvicorn
 import websockets
 from stt_service.app import create_app
-from stt_service.engine import RATE, Seg, Transcript
+from stt_service.engine import RATE, Seg, Superseded, Transcript
 from stt_service.settings import SttSettings
 from voice_common.audio import float32_to_pcm16
 
@@ -24,19 +26,26 @@ WORDS = ["one", "two", "three", "four"]
 
 
 class ScriptedTranscriber:
-    """Hears loud blocks as words (block k is at amplitude 0.1 k); decode n takes `delays[n]` s."""
+    """Hears loud blocks as words (block k is at amplitude 0.1 k); decode n takes `delays[n]` s. With
+    `stoppable` it gives up when its `stop` event is set, as the real engines do between tokens."""
 
     name = "scripted"
     multilingual = False
 
-    def __init__(self, delays: list[float]) -> None:
+    def __init__(self, delays: list[float], stoppable: bool = False) -> None:
         self.delays = delays
+        self.stoppable = stoppable
         self.calls = 0
         self.done = 0
+        self.stopped = 0
 
-    def transcribe(self, audio: np.ndarray, **_: object) -> Transcript:
+    def transcribe(self, audio: np.ndarray, stop: threading.Event | None = None, **_: object) -> Transcript:
         n, self.calls = self.calls, self.calls + 1
-        time.sleep(self.delays[n] if n < len(self.delays) else 0.02)
+        if self.stoppable and stop is not None and stop.wait(self.delays[n] if n < len(self.delays) else 0.02):
+            self.stopped += 1
+            raise Superseded
+        if not self.stoppable:
+            time.sleep(self.delays[n] if n < len(self.delays) else 0.02)
         frames = audio[: len(audio) // 160 * 160].reshape(-1, 160)
         level = np.sqrt((frames**2).mean(axis=1))
         segments, start = [], None
@@ -60,18 +69,26 @@ def quiet(seconds: float) -> np.ndarray:
     return np.zeros(int(RATE * seconds), dtype=np.float32)
 
 
-@pytest.fixture
-async def stt_url() -> AsyncIterator[tuple[str, ScriptedTranscriber]]:
-    engine = ScriptedTranscriber(delays=[0.3, 0.6])  # the first decode finishes first
+@contextlib.asynccontextmanager
+async def serving(engine: ScriptedTranscriber) -> AsyncIterator[str]:
     app = create_app(SttSettings(commit_after_s=4.0), engine=engine)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
-    yield f"ws://127.0.0.1:{port}/ws", engine
-    server.should_exit = True
-    await task
+    try:
+        yield f"ws://127.0.0.1:{port}/ws"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def stt_url() -> AsyncIterator[tuple[str, ScriptedTranscriber]]:
+    engine = ScriptedTranscriber(delays=[0.3, 0.6])  # the first decode finishes first; neither stops early
+    async with serving(engine) as url:
+        yield url, engine
 
 
 async def send(ws: websockets.ClientConnection, audio: np.ndarray) -> None:
@@ -106,3 +123,25 @@ async def test_a_decode_that_commits_late_never_makes_the_final_repeat_words(stt
         final = json.loads(await asyncio.wait_for(ws.recv(), 10))
     assert final["type"] == "final" and final["text"].split() == ["one", "two", "three", "four"], final
     assert engine.calls == 3  # B was stale: what A left uncommitted was decoded again
+
+
+@pytest.mark.timeout(30)
+async def test_an_eager_decode_stops_the_decode_it_supersedes() -> None:
+    """Eager decode A (slow) is under way when the user pauses again after more words: B covers all A
+    covers and more, so A is stopped rather than left to halve B's cores; B is shown and is the final."""
+    engine = ScriptedTranscriber(delays=[5.0, 0.2], stoppable=True)
+    async with serving(engine) as url, websockets.connect(url) as ws:
+        await ws.send(json.dumps({"type": "start", "interim": False}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await send(ws, np.concatenate([block(1), quiet(0.1)]))  # eager decode A
+        while engine.calls < 1:
+            await asyncio.sleep(0.01)
+        await send(ws, np.concatenate([quiet(0.2), block(2), quiet(0.1)]))  # eager decode B
+        interim = json.loads(await asyncio.wait_for(ws.recv(), 3))  # well before A's 5 s
+        assert interim["type"] == "interim" and interim["text"].split() == ["one", "two"], interim
+        assert engine.stopped == 1
+        await send(ws, quiet(0.2))
+        await ws.send(json.dumps({"type": "stop"}))
+        final = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert final["type"] == "final" and final["text"].split() == ["one", "two"], final
+    assert engine.calls == 2  # the final reused B
