@@ -86,6 +86,12 @@ class Utterance:
     quiet_ms: float = 0.0  # trailing quiet audio
     eager_pending: bool = False  # quiet after speech and not decoded since
 
+    def stop_decodes(self, keep: asyncio.Task[None] | None = None) -> None:
+        """Ask the decodes under way (but `keep`) to give up: a newer one or nothing will use them."""
+        for task, stop in self.stops.items():
+            if task is not keep:
+                stop.set()
+
     def audio(self) -> np.ndarray:
         if len(self.chunks) > 1:
             self.chunks = [np.concatenate(self.chunks)]
@@ -155,6 +161,7 @@ class SttStream(StreamHandler[SttClientEvent]):
             cancelled = [u.id for u in (self.utt,) if u is not None] + list(self.finals)
             if self.utt is not None:
                 self.utt.closed = True
+                self.utt.stop_decodes()
                 self.utt = None
             for task in self.finals.values():
                 task.cancel()
@@ -182,6 +189,7 @@ class SttStream(StreamHandler[SttClientEvent]):
             return
         if self.utt is not None:
             self.utt.closed = True
+            self.utt.stop_decodes()
         self.counter += 1
         self.utt = Utterance(
             self.counter, event.format, language, event.prompt, event.interim, StreamResampler(event.format.rate, RATE)
@@ -226,8 +234,7 @@ class SttStream(StreamHandler[SttClientEvent]):
             if eager and u.decodes and u.superseded < MAX_SUPERSEDED:
                 # the decodes under way cover less of the same audio: on two cores they would halve the
                 # speed of this one, the likely final (a 6 s utterance: ~0.8 s instead of ~0.4 s)
-                for stop in u.stops.values():
-                    stop.set()
+                u.stop_decodes()
                 u.superseded += 1
             stop = threading.Event()
             task = self.spawn(self.interim(u, eager, stop))
@@ -291,7 +298,8 @@ class SttStream(StreamHandler[SttClientEvent]):
         t0 = time.perf_counter()
         hyp = None
         if u.decodes and not u.decodes[-1].done():
-            # the latest decode is under way: it usually covers all but the VAD's hangover
+            # the latest decode is under way: it usually covers all but the VAD's hangover; older ones are stale
+            u.stop_decodes(keep=u.decodes[-1])
             await asyncio.shield(u.decodes[-1])
         h = u.hypothesis
         if h is not None and h.offset == u.offset and u.silent_after(h.covered):

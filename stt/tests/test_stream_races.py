@@ -145,3 +145,22 @@ async def test_an_eager_decode_stops_the_decode_it_supersedes() -> None:
         final = json.loads(await asyncio.wait_for(ws.recv(), 10))
     assert final["type"] == "final" and final["text"].split() == ["one", "two"], final
     assert engine.calls == 2  # the final reused B
+
+
+@pytest.mark.timeout(30)
+async def test_cancel_stops_the_decodes_under_way() -> None:
+    """A cancelled utterance's decode is stopped, not left to hold a core nobody is waiting on."""
+    engine = ScriptedTranscriber(delays=[5.0], stoppable=True)
+    async with serving(engine) as url, websockets.connect(url) as ws:
+        await ws.send(json.dumps({"type": "start", "interim": False}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await send(ws, np.concatenate([block(1), quiet(0.1)]))  # eager decode A
+        while engine.calls < 1:
+            await asyncio.sleep(0.01)
+        await ws.send(json.dumps({"type": "cancel"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 3))["type"] == "cancelled"
+        for _ in range(200):  # well before A's 5 s
+            if engine.stopped:
+                break
+            await asyncio.sleep(0.01)
+    assert engine.stopped == 1
