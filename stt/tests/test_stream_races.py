@@ -125,17 +125,22 @@ async def test_a_decode_that_commits_late_never_makes_the_final_repeat_words(stt
     assert engine.calls == 3  # B was stale: what A left uncommitted was decoded again
 
 
+async def eager_decode_under_way(ws: websockets.ClientConnection, engine: ScriptedTranscriber) -> None:
+    """An utterance whose first word is followed by quiet: its eager decode (A) has started."""
+    await ws.send(json.dumps({"type": "start", "interim": False}))
+    assert json.loads(await ws.recv())["type"] == "ready"
+    await send(ws, np.concatenate([block(1), quiet(0.1)]))
+    while engine.calls < 1:
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.timeout(30)
 async def test_an_eager_decode_stops_the_decode_it_supersedes() -> None:
     """Eager decode A (slow) is under way when the user pauses again after more words: B covers all A
     covers and more, so A is stopped rather than left to halve B's cores; B is shown and is the final."""
     engine = ScriptedTranscriber(delays=[5.0, 0.2], stoppable=True)
     async with serving(engine) as url, websockets.connect(url) as ws:
-        await ws.send(json.dumps({"type": "start", "interim": False}))
-        assert json.loads(await ws.recv())["type"] == "ready"
-        await send(ws, np.concatenate([block(1), quiet(0.1)]))  # eager decode A
-        while engine.calls < 1:
-            await asyncio.sleep(0.01)
+        await eager_decode_under_way(ws, engine)
         await send(ws, np.concatenate([quiet(0.2), block(2), quiet(0.1)]))  # eager decode B
         interim = json.loads(await asyncio.wait_for(ws.recv(), 3))  # well before A's 5 s
         assert interim["type"] == "interim" and interim["text"].split() == ["one", "two"], interim
@@ -152,11 +157,7 @@ async def test_cancel_stops_the_decodes_under_way() -> None:
     """A cancelled utterance's decode is stopped, not left to hold a core nobody is waiting on."""
     engine = ScriptedTranscriber(delays=[5.0], stoppable=True)
     async with serving(engine) as url, websockets.connect(url) as ws:
-        await ws.send(json.dumps({"type": "start", "interim": False}))
-        assert json.loads(await ws.recv())["type"] == "ready"
-        await send(ws, np.concatenate([block(1), quiet(0.1)]))  # eager decode A
-        while engine.calls < 1:
-            await asyncio.sleep(0.01)
+        await eager_decode_under_way(ws, engine)
         await ws.send(json.dumps({"type": "cancel"}))
         assert json.loads(await asyncio.wait_for(ws.recv(), 3))["type"] == "cancelled"
         for _ in range(200):  # well before A's 5 s
