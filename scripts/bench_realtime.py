@@ -98,9 +98,10 @@ async def run(app_url: str, turns: int, rounds: int) -> list[tuple[float, float,
         if b is None or a is None:
             say(f"  pair {k + 1}: a reply had no audio, skipped")
             continue
-        pairs.append((b[0], a[0], b[1].strip() == a[1].strip()))
+        same_reply = b[1].strip() == a[1].strip()
+        pairs.append((b[0], a[0], same_reply))
         say(f"  pair {k + 1} ({'browser' if browser_first else 'Realtime'} first): /ws {b[0]:.0f} ms, "
-            f"/v1/realtime {a[0]:.0f} ms, same reply: {b[1].strip() == a[1].strip()}")  # fmt: skip
+            f"/v1/realtime {a[0]:.0f} ms, same reply: {same_reply}")  # fmt: skip
     return pairs
 
 
@@ -150,28 +151,24 @@ def main() -> None:
             stages = server_stages(log, offset)
     browser, api = [p[0] for p in pairs], [p[1] for p in pairs]
     diff = np.array([p[1] - p[0] for p in pairs])
-    same = [p for p in pairs if p[2]]
+    same = np.array([p[2] for p in pairs], dtype=bool)
     for name, values in (("browser socket (/ws)", browser), ("Realtime API (/v1/realtime)", api)):
         say(f"  {name:28s} {len(values)} turns: median {median(values):.0f} ms, p95 {pct(values, 0.95):.0f} ms")
     lo, hi = bootstrap_median(diff)
     say(f"  Realtime - browser, per pair: median {np.median(diff):+.0f} ms (95 % interval {lo:+.0f} .. {hi:+.0f}), "
-        f"mean {diff.mean():+.0f} ms; {len(same)} of {len(pairs)} pairs gave the same reply")  # fmt: skip
-    if same and len(same) < len(pairs):
-        d_same = np.array([p[1] - p[0] for p in same])
-        say(f"  pairs with the same reply only: median difference {np.median(d_same):+.0f} ms")
+        f"mean {diff.mean():+.0f} ms; {same.sum()} of {len(pairs)} pairs gave the same reply")  # fmt: skip
+    if 0 < same.sum() < len(pairs):
+        say(f"  pairs with the same reply only: median difference {np.median(diff[same]):+.0f} ms")
 
     # the turn model is unsure on some clips: the same words, resampled from 24 kHz, may fall on the other
     # side of its threshold and wait the long pause (or not) on one socket only; that is not the socket's
     if len(stages["/ws"]) == len(stages["/v1/realtime"]) == len(pairs):
-        agree = [
-            p[1] - p[0]
-            for p, b, a in zip(pairs, stages["/ws"], stages["/v1/realtime"], strict=True)
-            if b.get("complete") == a.get("complete")
-        ]
-        if agree:
-            say(f"  pairs where the turn model gave both the same verdict: {len(agree)} of {len(pairs)}, "
-                f"median difference {np.median(agree):+.0f} ms (95 % interval "
-                "{:+.0f} .. {:+.0f})".format(*bootstrap_median(np.array(agree))))  # fmt: skip
+        verdicts = zip(stages["/ws"], stages["/v1/realtime"], strict=True)
+        agree = np.array([b.get("complete") == a.get("complete") for b, a in verdicts])
+        if agree.any():
+            say(f"  pairs where the turn model gave both the same verdict: {agree.sum()} of {len(pairs)}, "
+                f"median difference {np.median(diff[agree]):+.0f} ms (95 % interval "
+                "{:+.0f} .. {:+.0f})".format(*bootstrap_median(diff[agree])))  # fmt: skip
     parts = []
     for stage in ("stt_final", "llm_first_token", "tts_first_audio", "first_audio_sent"):
         b = median([r[stage] for r in stages["/ws"] if stage in r])
