@@ -65,12 +65,17 @@ def build_backend(settings: LlmSettings) -> Backend:
             parallel=settings.parallel,
             ctx_per_slot=settings.context_tokens,
             threads=settings.threads,
+            threads_batch=settings.threads_batch,
             port=settings.server_port,
             cache_ram_mb=settings.cache_ram_mb,
         )
         return LlamaServerBackend(server, path.stem, settings.system_prompt)
     return EmbeddedBackend(
-        settings.resolved_model_path, settings.threads, settings.context_tokens, settings.system_prompt
+        settings.resolved_model_path,
+        settings.threads,
+        settings.context_tokens,
+        settings.system_prompt,
+        threads_batch=settings.threads_batch,
     )
 
 

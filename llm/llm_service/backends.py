@@ -67,12 +67,25 @@ class EmbeddedBackend:
     name = "embedded"
     serves_one_model = True
 
-    def __init__(self, path: Path, threads: int, n_ctx: int, warmup_system_prompt: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        threads: int,
+        n_ctx: int,
+        warmup_system_prompt: str | None = None,
+        threads_batch: int | None = None,
+    ) -> None:
         from llama_cpp import Llama
 
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run `make models`")
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads_batch or threads,
+            verbose=False,
+        )
         self.model = path.stem
         self._lock = threading.Lock()
         self.tokens_generated = 0  # every token llama.cpp produced, exported on /metrics

@@ -169,6 +169,7 @@ class LlamaServer:
         parallel: int,
         ctx_per_slot: int,
         threads: int,
+        threads_batch: int | None = None,
         port: int = 0,
         cache_ram_mb: int = 64,
     ) -> None:
@@ -184,7 +185,7 @@ class LlamaServer:
             *("--model", str(model), "--alias", alias),
             *("--host", "127.0.0.1", "--port", str(self.port)),
             *("--parallel", str(parallel), "--ctx-size", str(ctx_per_slot * parallel)),
-            *("--threads", str(threads), "--threads-batch", str(threads)),
+            *("--threads", str(threads), "--threads-batch", str(threads_batch or threads)),
             "--cont-batching",
             # prompts of conversations that lost their slot, kept in RAM (llama.cpp's default is 8 GiB, and
             # it fills: memory grows with every new conversation until then)

@@ -36,7 +36,12 @@ class LlmSettings(ServiceSettings):
     first_token_timeout_s: float = 30.0
     # llama-server and embedded (llama.cpp on this machine)
     model_path: Path | None = Field(None, description="GGUF file; default the bundled Qwen2.5 0.5B")
-    threads: int = 2
+    threads: int = Field(
+        2,
+        description="threads that generate token by token (memory-bound: a second one gains little and takes "
+        "the core piper and the STT need meanwhile)",
+    )
+    threads_batch: int = Field(2, description="threads that read a prompt (compute-bound: every core helps)")
     parallel: int = Field(4, description="llama-server slots: conversations generated at once, batched")
     server_binary: Path | None = Field(None, description="llama-server executable; default the one `make` builds")
     server_port: int = Field(0, description="llama-server's port on 127.0.0.1; 0 = any free port")

@@ -135,6 +135,7 @@ class TtsStream(StreamHandler[TtsClientEvent]):
         voice.index += 1
         index = voice.index
         await self.send(SentenceStart(index=index, text=text))
+        t0 = time.monotonic()
         try:
             parts = await self.scheduler.synthesize(self.engine, text, voice.name, voice.speed, voice.in_hand())
         except ApiError as exc:  # busy: this sentence is lost, the stream goes on
@@ -144,6 +145,7 @@ class TtsStream(StreamHandler[TtsClientEvent]):
             logger.exception("synthesis failed")
             await self.error("synthesis_failed", f"{type(exc).__name__}: {exc}")
             return
+        logger.debug("sentence %d (%d chars) ready in %.0f ms", index, len(text), (time.monotonic() - t0) * 1000)
         src = self.engine.voices[voice.name].sample_rate
         step = int(voice.rate * self.settings.chunk_ms / 1000) * 2
         samples = 0
