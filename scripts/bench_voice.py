@@ -61,6 +61,7 @@ async def one_turn(client: VoiceClient, clip: Clip, pause_ms: int = 0) -> dict[s
     if first_audio is None:
         return None
     row = {"v2v_ms": (first_audio - end_of_speech) * 1000, "cut": float(cut), "t": end_of_speech}
+    row["gaps_ms"] = client.playouts[done.event["turn"]].gaps_ms  # silences inside the reply, as heard
     if TIMELINE:  # what the client saw around the end of speech, ms after it
         seen = [
             f"{r.event['type']}{'(final)' if r.event.get('final') else ''} {(r.t - end_of_speech) * 1000:.0f}"
@@ -120,6 +121,11 @@ def report(n: int, turns: int, rows: list[dict[str, float]], speculations: dict[
     say(
         f"      answered before the user had finished: {cut:.0f} of {len(rows)}; speculative replies used "
         f"{hits:.0f} of {len(rows)}, thrown away {thrown:.0f} ({speculations.get('wasted_tokens', 0):.0f} tokens)"
+    )
+    gaps = [r["gaps_ms"] for r in rows]
+    say(
+        f"      silences inside a reply (a real-time player waiting for audio): median {median(gaps):.0f} ms, "
+        f"p95 {pct(gaps, 0.95):.0f} ms; {sum(g >= 100 for g in gaps)} of {len(gaps)} replies with 100 ms or more"
     )
     say(f"      error events: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
     if len(rows) >= 9:  # does it hold up over a long run? (a prompt cache that thrashes would not)

@@ -20,11 +20,33 @@ class Received:
 
 
 @dataclass
+class Playout:
+    """A real-time player of one reply's audio: what it has played by now, and how long it sat silent
+    waiting for the next frame once it had started (the gaps a listener hears)."""
+
+    rate: int
+    total_ms: float = 0.0
+    ends_at: float = 0.0  # monotonic time the audio received so far will have played out
+    gaps_ms: float = 0.0
+
+    def add(self, nbytes: int, now: float) -> None:
+        if self.total_ms and now > self.ends_at:
+            self.gaps_ms += (now - self.ends_at) * 1000
+        seconds = nbytes / 2 / self.rate
+        self.ends_at = max(self.ends_at, now) + seconds
+        self.total_ms += seconds * 1000
+
+    def played_ms(self, now: float) -> float:
+        return self.total_ms - max(0.0, self.ends_at - now) * 1000
+
+
+@dataclass
 class VoiceClient:
     url: str
     events: list[Received] = field(default_factory=list)
     audio: dict[int, bytearray] = field(default_factory=dict)
     first_audio_at: dict[int, float] = field(default_factory=dict)
+    playouts: dict[int, Playout] = field(default_factory=dict)
     ws: ClientConnection | None = None
     conversation_id: str | None = None
     owner_token: str | None = None  # the secret that makes conversations this client's (main_app.owner)
@@ -68,6 +90,7 @@ class VoiceClient:
                 if self._turn is not None:
                     self.audio.setdefault(self._turn, bytearray()).extend(msg)
                     self.first_audio_at.setdefault(self._turn, now)
+                    self.playouts.setdefault(self._turn, Playout(self.output_rate)).add(len(msg), now)
                 continue
             event = json.loads(msg)
             if event["type"] == "audio_start":
@@ -81,10 +104,8 @@ class VoiceClient:
 
     def played_ms(self, turn: int) -> float:
         """What a real-time player would have played of `turn` by now."""
-        if turn not in self.first_audio_at:
-            return 0.0
-        total = len(self.audio.get(turn, b"")) / 2 / self.output_rate * 1000
-        return min(total, (time.monotonic() - self.first_audio_at[turn]) * 1000)
+        playout = self.playouts.get(turn)
+        return playout.played_ms(time.monotonic()) if playout else 0.0
 
     async def send(self, event: dict[str, Any]) -> None:
         assert self.ws is not None

@@ -57,3 +57,14 @@ def test_first_fragment_of_a_reply_is_cut_early_but_not_on_a_function_word() -> 
     assert stream("Paris is the capital.") == ["Paris is the capital."]  # a short sentence stays whole
     later = stream("Yes. The weather today is sunny with a high of twenty degrees.")
     assert later == ["Yes.", "The weather today is sunny with a high of twenty degrees."]  # only the first piece
+
+
+def test_take_words_cuts_now_at_a_word_boundary() -> None:
+    s = SentenceSplitter(eager_first=False)
+    assert s.push("The capi") == []
+    assert s.take_words(2) is None  # "capi" may go on
+    s.push("tal of France is ")
+    assert s.take_words(2) == "The capital"
+    assert s.flush() == ["of France is"]
+    s.push("Tell me about the ")
+    assert s.take_words(3) is None  # never ends on "about" or "the": waits for the next word

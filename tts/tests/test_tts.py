@@ -171,6 +171,38 @@ async def test_websocket_token_by_token(tts, stt) -> None:
     assert np.abs(pcm16_to_float32(bytes(audio))).max() > 0.3
 
 
+async def test_websocket_cuts_a_long_sentence_when_the_listener_runs_dry(tts) -> None:
+    """Words at an LLM's pace after a short first sentence: once that audio runs low, the next piece is
+    cut at a word boundary instead of waiting ~3 s for the end of a long sentence (a gap in the reply)."""
+    long = "the long road wound slowly over the green hills and past the old mill " * 3 + "down to the sea."
+    words = ["Sure.", *long.split()]
+    async with websockets.connect(tts.url.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "start"}))
+        await ws.recv()
+
+        async def write() -> None:
+            for word in words:
+                await ws.send(json.dumps({"type": "text", "text": word + " "}))
+                await asyncio.sleep(0.08)
+            await ws.send(json.dumps({"type": "stop"}))
+
+        writer = asyncio.create_task(write())
+        pieces = []
+        while True:
+            msg = await ws.recv()
+            if isinstance(msg, bytes):
+                continue
+            ev = json.loads(msg)
+            if ev["type"] == "sentence_start":
+                pieces.append(ev["text"])
+            if ev["type"] == "done":
+                break
+        await writer
+    assert pieces[0] == "Sure."
+    assert len(pieces) >= 3 and not pieces[1].endswith("."), pieces  # cut before the sentence ended
+    assert " ".join(pieces).split() == words  # every word once, in order
+
+
 async def test_websocket_cancel_stops_within_one_chunk(tts) -> None:
     long_text = " ".join(SENTENCES * 3)
     async with websockets.connect(tts.url.replace("http", "ws") + "/ws") as ws:

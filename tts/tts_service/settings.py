@@ -24,6 +24,18 @@ class TtsSettings(ServiceSettings):
     max_queue: int = Field(64, description="syntheses waiting beyond max_concurrent; more are refused as busy")
     device: str = Field("cpu", description="cpu, or cuda (needs onnxruntime-gpu in the image)")
     max_chars: int = 4096
+    first_words: int = Field(
+        2,
+        ge=1,
+        description="words in a streamed reply's first piece when no punctuation comes sooner (fewer: audio "
+        "starts sooner, each word ~50 ms of tokens and synthesis here; more: a more natural phrase)",
+    )
+    low_water_ms: int = Field(
+        1200,
+        ge=0,
+        description="when a stream's listener has less audio than this left and nothing is being synthesised, "
+        "the next piece is cut at a word boundary (2 x first_words) rather than at its sentence's end",
+    )
     chunk_ms: int = Field(40, description="PCM frame size on the WebSocket")
     max_streams: int = 32
 

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import WebSocket
 from voice_common.audio import AudioFormat, float32_to_pcm16, resample
@@ -51,7 +51,7 @@ class Voice:
     name: str
     rate: int
     speed: float
-    splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
+    splitter: SentenceSplitter
     index: int = 0
     first_audio: float | None = None  # monotonic time of the first frame sent
     sent_s: float = 0.0  # audio sent so far
@@ -81,6 +81,13 @@ class TtsStream(StreamHandler[TtsClientEvent]):
         buffered = len(self.voice.splitter.buf) if self.voice else 0
         return buffered + sum(len(s) for s in self.queue if s is not END)
 
+    def running_dry(self, voice: Voice) -> bool:
+        """The listener will run out of audio before this sentence ends: nothing queued or being
+        synthesised, and less than `low_water_ms` left to play (a long sentence takes the LLM ~1 s to
+        write and piper ~1 s to speak here: waiting for its end would leave a gap)."""
+        idle = not self.queue and (self.speaker is None or self.speaker.done())
+        return idle and voice.first_audio is not None and voice.in_hand() < self.settings.low_water_ms / 1000
+
     def enqueue(self, items: list[str | None]) -> None:
         self.queue.extend(items)
         if items and (self.speaker is None or self.speaker.done()):
@@ -104,7 +111,7 @@ class TtsStream(StreamHandler[TtsClientEvent]):
                 return
             self.drop_queued()
             rate = event.sample_rate or self.settings.sample_rate or self.engine.voices[name].sample_rate
-            self.voice = Voice(name, rate, event.speed)
+            self.voice = Voice(name, rate, event.speed, SentenceSplitter(first_words=self.settings.first_words))
             await self.send(AudioStart(format=AudioFormat(rate=rate), voice=name))
         elif self.voice is None:
             await self.error("no_stream", "send a start event first")
@@ -112,14 +119,17 @@ class TtsStream(StreamHandler[TtsClientEvent]):
             if self.pending_chars() + len(event.text) > self.settings.max_chars:
                 await self.error("text_too_long", f"pending text over {self.settings.max_chars} chars")
                 return
-            self.enqueue(list(self.voice.splitter.push(event.text)))
+            pieces = self.voice.splitter.push(event.text)
+            if not pieces and self.running_dry(self.voice):
+                pieces = [p] if (p := self.voice.splitter.take_words(2 * self.settings.first_words)) else []
+            self.enqueue(list(pieces))
         elif isinstance(event, Flush):
             self.enqueue(list(self.voice.splitter.flush()))
         elif isinstance(event, Stop):
             self.enqueue([*self.voice.splitter.flush(), END])
         elif isinstance(event, Cancel):
             self.drop_queued()
-            self.voice.splitter = SentenceSplitter()
+            self.voice.splitter = SentenceSplitter(first_words=self.settings.first_words)
             await self.send(Cancelled())
 
     async def speak(self) -> None:

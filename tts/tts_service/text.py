@@ -73,8 +73,8 @@ _NO_END = {
 } | _BREAK_BEFORE  # fmt: skip
 
 
-def _first_fragment_cut(buf: str, words: int) -> int | None:
-    """Where to end the first piece of a reply that has no punctuation yet (None: keep waiting)."""
+def _early_cut(buf: str, words: int) -> int | None:
+    """Where to end a piece of about `words` words that has no punctuation yet (None: keep waiting)."""
     complete = list(re.finditer(r"\S+\s+", buf))  # words known to be whole (whitespace after them)
     if len(complete) <= words:
         return None
@@ -143,11 +143,18 @@ class SentenceSplitter:
                 cut = self.buf.rfind(" ", 0, self.max_chars) + 1 or self.max_chars
                 piece, self.buf = self.buf[:cut], self.buf[cut:]
                 return self._emit(piece) or None
-        first_cut = _first_fragment_cut(self.buf, self.first_words) if self.eager and not self.emitted else None
-        if first_cut and not final:
-            piece, self.buf = self.buf[:first_cut], self.buf[first_cut:]
-            return self._emit(piece) or None
+        if self.eager and not self.emitted and not final:
+            return self.take_words(self.first_words)
         return None
+
+    def take_words(self, words: int) -> str | None:
+        """Cut a piece of about `words` words now, before its sentence ends: for a listener who would
+        otherwise run out of audio while the rest of the sentence is generated and synthesised."""
+        cut = _early_cut(self.buf, words)
+        if cut is None:
+            return None
+        piece, self.buf = self.buf[:cut], self.buf[cut:]
+        return self._emit(piece) or None
 
     def _emit(self, piece: str) -> str:
         cleaned = clean_for_speech(piece).strip()
