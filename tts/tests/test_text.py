@@ -68,3 +68,6 @@ def test_take_words_cuts_now_at_a_word_boundary() -> None:
     assert s.flush() == ["of France is"]
     s.push("Tell me about the ")
     assert s.take_words(3) is None  # never ends on "about" or "the": waits for the next word
+    s.flush()
+    s.push("Sure, Mr. Smith will ")
+    assert s.take_words(2) == "Sure, Mr. Smith"  # nor on "Mr."

@@ -73,6 +73,12 @@ _NO_END = {
 } | _BREAK_BEFORE  # fmt: skip
 
 
+def _no_end(word: str) -> bool:
+    """A piece never stops on "the", "of", "my" ... nor on "Mr." (its name follows)."""
+    word = word.strip().lower()
+    return word in _NO_END or word.rstrip(".") in ABBREVIATIONS
+
+
 def _early_cut(buf: str, words: int) -> int | None:
     """Where to end a piece of about `words` words that has no punctuation yet (None: keep waiting)."""
     complete = list(re.finditer(r"\S+\s+", buf))  # words known to be whole (whitespace after them)
@@ -82,7 +88,7 @@ def _early_cut(buf: str, words: int) -> int | None:
         if m.group().strip().lower() in _BREAK_BEFORE:
             return m.start()
     end = words - 1
-    while complete[end].group().strip().lower() in _NO_END:  # never stop on "the", "of", "my" ...
+    while _no_end(complete[end].group()):
         end += 1
         if end == len(complete):
             return None
