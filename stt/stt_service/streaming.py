@@ -78,8 +78,8 @@ class Utterance:
     committed: list[Segment] = field(default_factory=list)
     last_decode: float = 0.0  # monotonic start of the latest interim decode
     last_decode_s: float = 0.0  # how long the latest decode took
-    decodes: list[asyncio.Task[None]] = field(default_factory=list)  # interim decodes in flight
-    stops: dict[asyncio.Task[None], threading.Event] = field(default_factory=dict)  # theirs, to supersede them
+    # interim decodes in flight (in the order they started), each with the event that stops it
+    decodes: dict[asyncio.Task[None], threading.Event] = field(default_factory=dict)
     superseded: int = 0  # decodes stopped since the last one that finished
     hypothesis: Hypothesis | None = None
     closed: bool = False
@@ -88,7 +88,7 @@ class Utterance:
 
     def stop_decodes(self, keep: asyncio.Task[None] | None = None) -> None:
         """Ask the decodes under way (but `keep`) to give up: a newer one or nothing will use them."""
-        for task, stop in self.stops.items():
+        for task, stop in self.decodes.items():
             if task is not keep:
                 stop.set()
 
@@ -218,7 +218,7 @@ class SttStream(StreamHandler[SttClientEvent]):
             if before < EAGER_SILENCE_MS <= u.quiet_ms:
                 u.eager_pending = True
         now = time.monotonic()
-        u.decodes = [d for d in u.decodes if not d.done()]
+        u.decodes = {d: stop for d, stop in u.decodes.items() if not d.done()}
         idle = not u.decodes
         # on a slow machine a decode takes longer than the interval: space interims by twice the last
         # decode's time, so they never take more than half of the CPU the eager decode and final need
@@ -237,10 +237,7 @@ class SttStream(StreamHandler[SttClientEvent]):
                 u.stop_decodes()
                 u.superseded += 1
             stop = threading.Event()
-            task = self.spawn(self.interim(u, eager, stop))
-            u.stops[task] = stop
-            task.add_done_callback(lambda t: u.stops.pop(t, None))
-            u.decodes.append(task)
+            u.decodes[self.spawn(self.interim(u, eager, stop))] = stop
 
     async def decode(self, u: Utterance, kind: str, priority: float, stop: threading.Event | None = None) -> Hypothesis:
         audio, offset = u.audio().copy(), u.offset
@@ -297,10 +294,11 @@ class SttStream(StreamHandler[SttClientEvent]):
     async def final(self, u: Utterance) -> None:
         t0 = time.perf_counter()
         hyp = None
-        if u.decodes and not u.decodes[-1].done():
+        latest = next(reversed(u.decodes), None)
+        if latest is not None and not latest.done():
             # the latest decode is under way: it usually covers all but the VAD's hangover; older ones are stale
-            u.stop_decodes(keep=u.decodes[-1])
-            await asyncio.shield(u.decodes[-1])
+            u.stop_decodes(keep=latest)
+            await asyncio.shield(latest)
         h = u.hypothesis
         if h is not None and h.offset == u.offset and u.silent_after(h.covered):
             hyp = h
