@@ -69,11 +69,14 @@ class Transcriber(Protocol):
         task: str = "transcribe",
         on_segment: Callable[[Seg], None] | None = None,
         stop: threading.Event | None = None,
+        draft: Transcript | None = None,
     ) -> Transcript:
         """`timestamps=False` skips Whisper's timestamp tokens (~15% faster); segments then span the audio.
         `task="translate"`: English text from speech in any language (multilingual models). `on_segment`
         is called with each segment as it is decoded (in this thread), for streamed transcripts. When
-        `stop` is set the decode gives up early (raising `Superseded`), so its cores go to the newer one."""
+        `stop` is set the decode gives up early (raising `Superseded`), so its cores go to the newer one.
+        `draft`: an earlier decode of this audio's beginning (a live utterance's interim), whose tokens a
+        transcriber may check rather than generate again (Moonshine does; Whisper ignores it)."""
         ...
 
 
@@ -113,6 +116,7 @@ class FasterWhisper:
         task: str = "transcribe",
         on_segment: Callable[[Seg], None] | None = None,
         stop: threading.Event | None = None,
+        draft: Transcript | None = None,
     ) -> Transcript:
         t0 = time.perf_counter()
         check_task(self, task)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,11 @@ def speech_chunks(audio: np.ndarray, *, split: bool) -> list[tuple[int, int]]:
     return trimmed
 
 
+def _logprob(logits: np.ndarray, token: int) -> float:
+    top = float(logits.max())
+    return float(logits[token]) - (top + float(np.log(np.exp(logits - top).sum())))
+
+
 class Moonshine:
     multilingual = False
 
@@ -121,22 +126,38 @@ class Moonshine:
         self.first_outputs = [o.name for o in self.first.get_outputs()]
         self.tokens = load_tokens(path / "tokenizer.bin")
 
-    def decode_chunk(self, audio: np.ndarray, stop: threading.Event | None = None) -> tuple[str, list[int], float]:
-        """Greedy decode of one stretch of speech: text, tokens, mean log-probability."""
+    def decode_chunk(
+        self, audio: np.ndarray, stop: threading.Event | None = None, draft: Sequence[int] = ()
+    ) -> tuple[str, list[int], float]:
+        """Greedy decode of one stretch of speech: text, tokens, mean log-probability.
+
+        `draft`: the tokens of an earlier decode of the same stretch's beginning (a live utterance's last
+        interim). They are checked in one decoder pass, the ones the model agrees with are kept, and
+        generation goes on from the first it does not: the words said before the interim cost one pass, not
+        a step each (a final ~half the time). The int8 activations are quantised per call, so in a near tie
+        a token may differ from a decode without the draft (a comma for a full stop, in 6 of 70 checks)."""
         check_stop(stop)
+        limit = int(len(audio) / RATE * TOKENS_PER_S) + 8
+        draft = list(draft)[:limit]
         hidden = self.encoder.run(None, {"input_values": audio[None, :].astype(np.float32, copy=False)})[0]
-        out = self.first.run(None, {"input_ids": np.array([[BOS]], np.int64), "encoder_hidden_states": hidden})
-        feeds: dict[str, np.ndarray] = {
-            name.replace("present", "past_key_values"): value
+        ids = np.array([[BOS, *draft]], np.int64)
+        out = self.first.run(None, {"input_ids": ids, "encoder_hidden_states": hidden})
+        rows = out[0][0]  # logits after BOS and after each draft token
+        agreed = 0
+        while agreed < len(draft) and int(rows[agreed].argmax()) == draft[agreed]:
+            agreed += 1
+        tokens = draft[:agreed]
+        logprob = sum(_logprob(rows[i], t) for i, t in enumerate(tokens))
+        feeds: dict[str, np.ndarray] = {  # the self-attention cache of the agreed tokens only
+            name.replace("present", "past_key_values"): (
+                np.ascontiguousarray(value[:, :, : 1 + agreed]) if ".decoder." in name else value
+            )
             for name, value in zip(self.first_outputs[1:], out[1:], strict=True)
         }
-        tokens: list[int] = []
-        logprob = 0.0
-        for _ in range(int(len(audio) / RATE * TOKENS_PER_S) + 8):
-            logits = out[0][0, -1]
+        logits = rows[agreed]
+        for _ in range(limit - agreed):
             token = int(logits.argmax())
-            top = float(logits[token])
-            logprob += top - (top + float(np.log(np.exp(logits - top).sum())))
+            logprob += _logprob(logits, token)
             if token == EOS:
                 break
             check_stop(stop)
@@ -145,6 +166,7 @@ class Moonshine:
             out = self.step.run(None, feeds)
             for name, value in zip(self.step_outputs[1:], out[1:], strict=True):
                 feeds[name.replace("present", "past_key_values")] = value
+            logits = out[0][0, -1]
         text = b"".join(self.tokens[t] for t in tokens).decode("utf-8", "replace").replace("\u2581", " ").strip()
         return text, tokens, logprob / max(1, len(tokens) + 1)
 
@@ -160,8 +182,10 @@ class Moonshine:
         task: str = "transcribe",
         on_segment: Callable[[Seg], None] | None = None,
         stop: threading.Event | None = None,
+        draft: Transcript | None = None,
     ) -> Transcript:
-        """`prompt` and `temperature` are accepted and not used (Moonshine decodes greedily, unprompted)."""
+        """`prompt` and `temperature` are accepted and not used (Moonshine decodes greedily, unprompted).
+        A `draft` segment that starts where a stretch of speech does drafts that stretch's tokens."""
         t0 = time.perf_counter()
         check_task(self, task)
         if word_timestamps:
@@ -171,9 +195,10 @@ class Moonshine:
                 f"{self.name} gives segment timestamps only; word timestamps need a Whisper model "
                 "(STT_MODEL=whisper-base)",
             )
+        drafts = {round(s.start * RATE): s.tokens for s in draft.segments} if draft is not None else {}
         segs = []
         for a, b in speech_chunks(audio, split=timestamps or len(audio) > MAX_CHUNK_S * RATE):
-            text, tokens, logprob = self.decode_chunk(audio[a:b], stop)
+            text, tokens, logprob = self.decode_chunk(audio[a:b], stop, drafts.get(a, ()))
             seg = Seg(a / RATE, b / RATE, text, avg_logprob=round(logprob, 4), tokens=tokens)
             segs.append(seg)
             if on_segment is not None:

@@ -40,7 +40,7 @@ from voice_common.protocol import (
 )
 from voice_common.streams import StreamHandler
 
-from .engine import RATE, Seg, Superseded, Transcriber, check_language
+from .engine import RATE, Seg, Superseded, Transcriber, Transcript, check_language
 
 if TYPE_CHECKING:
     from .settings import SttSettings
@@ -82,6 +82,8 @@ class Utterance:
     decodes: dict[asyncio.Task[None], threading.Event] = field(default_factory=dict)
     superseded: int = 0  # decodes stopped since the last one that finished
     hypothesis: Hypothesis | None = None
+    # the decode from `offset` that covered the most audio: the next decode's draft (Transcriber.transcribe)
+    draft: tuple[int, Transcript] | None = None
     closed: bool = False
     quiet_ms: float = 0.0  # trailing quiet audio
     eager_pending: bool = False  # quiet after speech and not decoded since
@@ -91,6 +93,13 @@ class Utterance:
         for task, stop in self.decodes.items():
             if task is not keep:
                 stop.set()
+
+    def remember(self, offset: int, result: Transcript) -> None:
+        """Keep the decode from the current offset that covered the most audio: the next one's draft."""
+        if offset == self.offset and (
+            self.draft is None or self.draft[0] != offset or result.duration >= self.draft[1].duration
+        ):
+            self.draft = (offset, result)
 
     def audio(self) -> np.ndarray:
         if len(self.chunks) > 1:
@@ -243,6 +252,7 @@ class SttStream(StreamHandler[SttClientEvent]):
         audio, offset = u.audio().copy(), u.offset
         # timestamps are only needed to commit segments of long utterances; short ones decode faster without
         timestamps = len(audio) / RATE >= self.settings.commit_after_s
+        draft = u.draft[1] if u.draft is not None and u.draft[0] == offset else None
         r = await self.limiter.run_in_thread(
             self.engine.transcribe,
             audio,
@@ -251,8 +261,10 @@ class SttStream(StreamHandler[SttClientEvent]):
             temperature=0.0,
             timestamps=timestamps,
             stop=stop,
+            draft=draft,
             priority=priority,
         )
+        u.remember(offset, r)
         self.decode_seconds.labels(kind).observe(r.processing_ms / 1000)
         u.last_decode_s = r.processing_ms / 1000
         logger.debug(

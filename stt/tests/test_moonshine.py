@@ -7,7 +7,7 @@ import pytest
 from stt_service.engine import RATE
 from stt_service.moonshine import MAX_CHUNK_S, speech_chunks
 
-from tests.helpers import corpus_wer, librivox_clips, silence, wer
+from tests.helpers import corpus_wer, librivox_clips, normalize, silence, wer
 
 
 def tone(ms: int, amp: float = 0.1) -> np.ndarray:
@@ -112,3 +112,39 @@ def test_real_model_gives_up_when_superseded(moonshine) -> None:
         moonshine.transcribe(audio, timestamps=False, stop=stop)
     with pytest.raises(Superseded):
         moonshine.transcribe(audio, stop=stop)  # already set: nothing is decoded
+
+
+class CountingSession:
+    """An onnxruntime session that counts its runs (decoder steps)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.runs = inner, 0
+
+    def run(self, *args: object, **kwargs: object) -> object:
+        self.runs += 1
+        return self.inner.run(*args, **kwargs)  # type: ignore[attr-defined]
+
+
+def test_real_model_checks_a_draft_instead_of_generating_it(moonshine, monkeypatch) -> None:
+    """A live utterance's final, drafted by its last interim: the same words in a fraction of the decoder
+    steps; a draft of other words is rejected token by token and changes nothing."""
+    from dataclasses import replace
+
+    from voice_common.audio import pcm16_to_float32
+
+    clips = librivox_clips()
+    steps = CountingSession(moonshine.step)
+    monkeypatch.setattr(moonshine, "step", steps)
+    for clip, other in zip(clips, clips[1:] + clips[:1], strict=True):
+        audio = pcm16_to_float32(clip.pcm16())
+        interim = moonshine.transcribe(audio[: len(audio) * 85 // 100], timestamps=False)
+        steps.runs = 0
+        plain = moonshine.transcribe(audio, timestamps=False)
+        plain_steps, steps.runs = steps.runs, 0
+        drafted = moonshine.transcribe(audio, timestamps=False, draft=interim)
+        assert normalize(drafted.text) == normalize(plain.text), (drafted.text, plain.text)
+        assert steps.runs < plain_steps / 2, (clip.text, steps.runs, plain_steps)
+        elsewhere = moonshine.transcribe(pcm16_to_float32(other.pcm16()), timestamps=False)
+        misleading = replace(elsewhere, segments=[replace(elsewhere.segments[0], start=plain.segments[0].start)])
+        wrong = moonshine.transcribe(audio, timestamps=False, draft=misleading)
+        assert normalize(wrong.text) == normalize(plain.text), (wrong.text, plain.text)

@@ -38,9 +38,13 @@ class ScriptedTranscriber:
         self.calls = 0
         self.done = 0
         self.stopped = 0
+        self.drafts: list[Transcript | None] = []  # the draft each decode was given
 
-    def transcribe(self, audio: np.ndarray, stop: threading.Event | None = None, **_: object) -> Transcript:
+    def transcribe(
+        self, audio: np.ndarray, stop: threading.Event | None = None, draft: Transcript | None = None, **_: object
+    ) -> Transcript:
         n, self.calls = self.calls, self.calls + 1
+        self.drafts.append(draft)
         if self.stoppable and stop is not None and stop.wait(self.delays[n] if n < len(self.delays) else 0.02):
             self.stopped += 1
             raise Superseded
@@ -165,3 +169,20 @@ async def test_cancel_stops_the_decodes_under_way() -> None:
                 break
             await asyncio.sleep(0.01)
     assert engine.stopped == 1
+
+
+@pytest.mark.timeout(30)
+async def test_each_decode_is_drafted_by_the_widest_one_before_it() -> None:
+    """The final is drafted by the eager decode that covered the most of the utterance (the engine checks
+    those tokens instead of generating them again); the first decode of an utterance has no draft."""
+    engine = ScriptedTranscriber(delays=[0.05, 0.05])
+    async with serving(engine) as url, websockets.connect(url) as ws:
+        await eager_decode_under_way(ws, engine)
+        first = json.loads(await asyncio.wait_for(ws.recv(), 3))
+        await send(ws, np.concatenate([quiet(0.2), block(2)]))  # more words, no pause: the final decodes
+        await ws.send(json.dumps({"type": "stop"}))
+        final = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert first["type"] == "interim" and final["type"] == "final" and final["text"].split() == ["one", "two"]
+    assert engine.calls == 2 and engine.drafts[0] is None
+    draft = engine.drafts[1]
+    assert draft is not None and draft.text == "one" and round(draft.duration * 1000) == first["audio_ms"]
