@@ -101,7 +101,8 @@ def main() -> None:
         say(f"  {model:16s} RTF {factor:.3f} ({duration:.1f} s of LibriVox speech, WER {error:.1%})")
     plain, drafted = draft_gain(MODELS[0])
     say(
-        f"  {MODELS[0]} decode of a whole clip: median {plain:.0f} ms; drafted by the decode 0.5 s before: {drafted:.0f} ms"
+        f"  {MODELS[0]} decode of a whole clip: median {plain:.0f} ms; "
+        f"drafted by the decode 0.5 s before: {drafted:.0f} ms"
     )
     for model in MODELS[:2]:
         stream_numbers(model)
