@@ -71,3 +71,16 @@ def test_take_words_cuts_now_at_a_word_boundary() -> None:
     s.flush()
     s.push("Sure, Mr. Smith will ")
     assert s.take_words(2) == "Sure, Mr. Smith"  # nor on "Mr."
+
+
+def test_first_piece_is_cut_as_soon_as_the_next_word_begins() -> None:
+    """Tokens as an LLM streams them (space first): "John" is whole when " Dash" arrives; waiting for
+    "wood" would cost a token (~30-50 ms here) on every reply's first audio."""
+    s = SentenceSplitter(first_words=2)
+    assert [s.push(t) for t in ("Mr", ".", " John")] == [[], [], []]
+    assert s.push(" Dash") == ["Mr. John"]
+    s = SentenceSplitter(first_words=2)
+    assert [s.push(t) for t in ("The", " capital", " of")] == [[], [], ["The capital"]]
+    s = SentenceSplitter(first_words=2)
+    assert [s.push(t) for t in ("Tell", " the", " story")] == [[], [], []]  # never ends on "the"
+    assert s.push(" now") == ["Tell the story"]

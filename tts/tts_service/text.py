@@ -80,9 +80,11 @@ def _no_end(word: str) -> bool:
 
 
 def _early_cut(buf: str, words: int) -> int | None:
-    """Where to end a piece of about `words` words that has no punctuation yet (None: keep waiting)."""
+    """Where to end a piece of about `words` words that has no punctuation yet (None: keep waiting). A word
+    is whole once whitespace follows it: an LLM's next token (" Dash") ends "John", so a piece is cut when
+    the next word begins, not once it is whole ("wood" is one token more)."""
     complete = list(re.finditer(r"\S+\s+", buf))  # words known to be whole (whitespace after them)
-    if len(complete) <= words:
+    if len(complete) < words:
         return None
     for m in complete[3 : words + 1]:
         if m.group().strip().lower() in _BREAK_BEFORE:
