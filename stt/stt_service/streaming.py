@@ -83,7 +83,7 @@ class Utterance:
     superseded: int = 0  # decodes stopped since the last one that finished
     hypothesis: Hypothesis | None = None
     # the decode from `offset` that covered the most audio: the next decode's draft (Transcriber.transcribe)
-    draft: tuple[int, Transcript] | None = None
+    draft: Transcript | None = None
     closed: bool = False
     quiet_ms: float = 0.0  # trailing quiet audio
     eager_pending: bool = False  # quiet after speech and not decoded since
@@ -96,10 +96,8 @@ class Utterance:
 
     def remember(self, offset: int, result: Transcript) -> None:
         """Keep the decode from the current offset that covered the most audio: the next one's draft."""
-        if offset == self.offset and (
-            self.draft is None or self.draft[0] != offset or result.duration >= self.draft[1].duration
-        ):
-            self.draft = (offset, result)
+        if offset == self.offset and (self.draft is None or result.duration >= self.draft.duration):
+            self.draft = result
 
     def audio(self) -> np.ndarray:
         if len(self.chunks) > 1:
@@ -114,6 +112,7 @@ class Utterance:
         self.chunks = [self.audio()[upto:]]
         self.offset += upto
         self.committed.extend(segments)
+        self.draft = None  # its segments start before the new offset
 
     def prompt_text(self) -> str | None:
         parts = [p for p in (self.prompt, *(s.text for s in self.committed)) if p]
@@ -252,7 +251,6 @@ class SttStream(StreamHandler[SttClientEvent]):
         audio, offset = u.audio().copy(), u.offset
         # timestamps are only needed to commit segments of long utterances; short ones decode faster without
         timestamps = len(audio) / RATE >= self.settings.commit_after_s
-        draft = u.draft[1] if u.draft is not None and u.draft[0] == offset else None
         r = await self.limiter.run_in_thread(
             self.engine.transcribe,
             audio,
@@ -261,7 +259,7 @@ class SttStream(StreamHandler[SttClientEvent]):
             temperature=0.0,
             timestamps=timestamps,
             stop=stop,
-            draft=draft,
+            draft=u.draft,
             priority=priority,
         )
         u.remember(offset, r)
