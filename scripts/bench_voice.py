@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import time
 
@@ -70,6 +71,8 @@ async def one_turn(client: VoiceClient, clip: Clip, pause_ms: int = 0) -> dict[s
         ]
         say("        " + "; ".join(seen) + f"; first audio {(first_audio - end_of_speech) * 1000:.0f}")
     row["speculative"] = float(bool(metrics.event.get("speculative")))
+    if (p := metrics.event.get("turn_probability")) is not None:
+        row["turn_p"] = p
     row.update({k: metrics.event[k] for k in STAGES if metrics.event.get(k) is not None})
     return row
 
@@ -115,6 +118,17 @@ def report(n: int, turns: int, rows: list[dict[str, float]], speculations: dict[
         values = [r[stage] for r in rows if stage in r]
         parts.append(f"{stage.removesuffix('_ms')} {median(values):.0f}")
     say(f"      breakdown (median ms after the end of the turn): {', '.join(parts)}")
+    # the turn model ends a complete-sounding turn at once and lets an unfinished one wait up to the cap:
+    # two kinds of turn, each with its own latency (the clips include book fragments that stop mid-sentence)
+    threshold = float(os.environ.get("VAD_TURN_THRESHOLD", "0.5"))
+    heard = [r for r in rows if "turn_p" in r]
+    complete = [r["v2v_ms"] for r in heard if r["turn_p"] >= threshold]
+    unfinished = [r["v2v_ms"] for r in heard if r["turn_p"] < threshold]
+    if heard:
+        say(
+            f"      turns the turn model called complete: {len(complete)}, median {median(complete):.0f} ms; "
+            f"unfinished (waiting up to the cap): {len(unfinished)}, median {median(unfinished):.0f} ms"
+        )
     cut = sum(r["cut"] for r in rows)
     hits = sum(r["speculative"] for r in rows)
     thrown = speculations.get("miss", 0) + speculations.get("dropped", 0)
@@ -179,7 +193,16 @@ def main() -> None:
                 report(n, args.turns, rows, asyncio.run(run()), errors)
                 if args.per_turn:
                     for r in sorted(rows, key=lambda r: r["t"]):
-                        say("      " + ", ".join(f"{k.removesuffix('_ms')} {v:.0f}" for k, v in r.items() if k != "t"))
+                        say(
+                            "      "
+                            + ", ".join(
+                                f"{k.removesuffix('_ms')} {v:.2f}"
+                                if k == "turn_p"
+                                else f"{k.removesuffix('_ms')} {v:.0f}"
+                                for k, v in r.items()
+                                if k != "t"
+                            )
+                        )
 
 
 if __name__ == "__main__":
