@@ -5,8 +5,9 @@ Voice-to-voice latency = first reply audio frame received by the client - end of
 (the last loud 20 ms frame of the clip, on the client's clock). The per-stage breakdown comes from
 main-app's metrics event, measured from the end of the user's turn on main-app's clock (negative: a
 speculative reply was ready before the turn ended). Turns the turn model called complete and unfinished
-ones (which wait up to the longer silence cap) are reported apart too. With --pause-ms, a pause is inserted mid-sentence
-(at a word gap) and the cut-off rate counts turns answered before the user had finished.
+ones (which wait up to the longer silence cap) are reported apart too. With --pause-ms, a pause is
+inserted mid-sentence (at a word gap) and the cut-off rate counts turns answered before the user had
+finished.
 
 Sessions start `--stagger-s` apart (real users do not speak in lockstep).
 
