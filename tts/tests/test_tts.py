@@ -43,6 +43,21 @@ async def transcribe(stt_url: str, audio: bytes) -> str:
     return str(r.json()["text"])
 
 
+async def until_done(ws: websockets.ClientConnection) -> tuple[list[str], list[bytes]]:
+    """What a synthesis stream sends until `done`: the text of each piece, and the audio frames."""
+    pieces, frames = [], []
+    while True:
+        msg = await ws.recv()
+        if isinstance(msg, bytes):
+            frames.append(msg)
+            continue
+        ev = json.loads(msg)
+        if ev["type"] == "sentence_start":
+            pieces.append(ev["text"])
+        if ev["type"] == "done":
+            return pieces, frames
+
+
 async def test_round_trip_wer_under_10_percent(tts, stt) -> None:
     pairs = []
     async with httpx.AsyncClient(timeout=120) as client:
@@ -147,28 +162,18 @@ async def test_websocket_token_by_token(tts, stt) -> None:
         for token in text.split(" "):
             await ws.send(json.dumps({"type": "text", "text": token + " "}))
         await ws.send(json.dumps({"type": "stop"}))
-        sentences, audio, frames = [], bytearray(), 0
-        while True:
-            msg = await ws.recv()
-            if isinstance(msg, bytes):
-                audio += msg
-                frames += 1
-                continue
-            ev = json.loads(msg)
-            if ev["type"] == "sentence_start":
-                sentences.append(ev["text"])
-            if ev["type"] == "done":
-                break
+        sentences, frames = await until_done(ws)
+    audio = b"".join(frames)
     assert sentences == ["Sure, Mr. Smith.", "The total is 3.5 dollars, paid on time!", "Thanks for asking."]
-    assert frames > 10
+    assert len(frames) > 10
     import numpy as np
     from voice_common.audio import encode_wav, pcm16_to_float32
 
-    heard = await transcribe(stt.url, encode_wav(pcm16_to_float32(bytes(audio)), 16000))
+    heard = await transcribe(stt.url, encode_wav(pcm16_to_float32(audio), 16000))
     assert corpus_wer([("Sure mister Smith the total is 3.5 dollars paid on time thanks for asking", heard)]) < 0.3, (
         heard
     )
-    assert np.abs(pcm16_to_float32(bytes(audio))).max() > 0.3
+    assert np.abs(pcm16_to_float32(audio)).max() > 0.3
 
 
 async def test_websocket_cuts_a_long_sentence_when_the_listener_runs_dry(tts) -> None:
@@ -187,16 +192,7 @@ async def test_websocket_cuts_a_long_sentence_when_the_listener_runs_dry(tts) ->
             await ws.send(json.dumps({"type": "stop"}))
 
         writer = asyncio.create_task(write())
-        pieces = []
-        while True:
-            msg = await ws.recv()
-            if isinstance(msg, bytes):
-                continue
-            ev = json.loads(msg)
-            if ev["type"] == "sentence_start":
-                pieces.append(ev["text"])
-            if ev["type"] == "done":
-                break
+        pieces, _ = await until_done(ws)
         await writer
     assert pieces[0] == "Sure."
     assert len(pieces) >= 3 and not pieces[1].endswith("."), pieces  # cut before the sentence ended
