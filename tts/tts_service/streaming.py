@@ -81,6 +81,9 @@ class TtsStream(StreamHandler[TtsClientEvent]):
         buffered = len(self.voice.splitter.buf) if self.voice else 0
         return buffered + sum(len(s) for s in self.queue if s is not END)
 
+    def new_splitter(self) -> SentenceSplitter:
+        return SentenceSplitter(first_words=self.settings.first_words)
+
     def running_dry(self, voice: Voice) -> bool:
         """The listener will run out of audio before this sentence ends: nothing queued or being
         synthesised, and less than `low_water_ms` left to play (a long sentence takes the LLM ~1 s to
@@ -111,7 +114,7 @@ class TtsStream(StreamHandler[TtsClientEvent]):
                 return
             self.drop_queued()
             rate = event.sample_rate or self.settings.sample_rate or self.engine.voices[name].sample_rate
-            self.voice = Voice(name, rate, event.speed, SentenceSplitter(first_words=self.settings.first_words))
+            self.voice = Voice(name, rate, event.speed, self.new_splitter())
             await self.send(AudioStart(format=AudioFormat(rate=rate), voice=name))
         elif self.voice is None:
             await self.error("no_stream", "send a start event first")
@@ -129,7 +132,7 @@ class TtsStream(StreamHandler[TtsClientEvent]):
             self.enqueue([*self.voice.splitter.flush(), END])
         elif isinstance(event, Cancel):
             self.drop_queued()
-            self.voice.splitter = SentenceSplitter(first_words=self.settings.first_words)
+            self.voice.splitter = self.new_splitter()
             await self.send(Cancelled())
 
     async def speak(self) -> None:
