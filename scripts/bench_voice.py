@@ -195,16 +195,12 @@ def main() -> None:
                 report(n, args.turns, rows, asyncio.run(run()), errors)
                 if args.per_turn:
                     for r in sorted(rows, key=lambda r: r["t"]):
-                        say(
-                            "      "
-                            + ", ".join(
-                                f"{k.removesuffix('_ms')} {v:.2f}"
-                                if k == "turn_p"
-                                else f"{k.removesuffix('_ms')} {v:.0f}"
-                                for k, v in r.items()
-                                if k != "t"
-                            )
-                        )
+                        cells = [
+                            f"{k.removesuffix('_ms')} {v:.{2 if k == 'turn_p' else 0}f}"
+                            for k, v in r.items()
+                            if k != "t"
+                        ]
+                        say("      " + ", ".join(cells))
 
 
 if __name__ == "__main__":
